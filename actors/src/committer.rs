@@ -1,0 +1,314 @@
+//! The committer: the only actor that moves offsets.
+//!
+//! Upstream: the consumer tells it, in read order, which offsets it has handed
+//! to the parser (`Track`); the sink and the DLQ writer tell it which of those
+//! are safely stored or delivered (`Ack`). Downstream: the checkpoint table in
+//! PostgreSQL, then Kafka's committed offsets.
+//!
+//! Each partition advances only over the contiguous run of acknowledged
+//! offsets at the front of what was tracked, so a committed offset never
+//! passes a message that is still in flight. On every tick it persists the
+//! checkpoint first and commits to Kafka second: the checkpoint is the truth,
+//! the Kafka commit a courtesy for tools that read consumer-group offsets.
+//!
+//! If it fails (PostgreSQL gone), it stops without committing further; what
+//! was acknowledged but not persisted is replayed after a restart and absorbed
+//! by the idempotent sinks.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, warn};
+
+use crate::consumer::CheckpointingContext;
+use crate::metrics as names;
+use crate::models::{AckSource, SourcePosition};
+use crate::storage::CheckpointStore;
+
+/// What the committer starts with.
+pub struct CommitterArgs {
+    /// Consumer group: the checkpoint's key.
+    pub group_id: String,
+    /// Source topic.
+    pub topic: String,
+    /// Where the checkpoint is persisted.
+    pub store: Arc<CheckpointStore>,
+    /// The consumer, to commit offsets to Kafka after the checkpoint.
+    pub consumer: Arc<BaseConsumer<CheckpointingContext>>,
+    /// How often to persist and commit.
+    pub commit_interval: std::time::Duration,
+}
+
+/// Messages the committer handles. None of them go through a bounded
+/// mailbox: their number is bounded by the records in flight, which the data
+/// mailboxes bound.
+#[derive(Debug)]
+pub enum CommitterMsg {
+    /// The consumer handed these positions to the parser, in read order.
+    Track(Vec<SourcePosition>),
+    /// These positions are stored (sink) or delivered (DLQ).
+    Ack {
+        /// Who acknowledges.
+        source: AckSource,
+        /// What is acknowledged.
+        positions: Vec<SourcePosition>,
+    },
+    /// Partitions taken away by a rebalance: commit what is done, forget the rest.
+    Revoked(Vec<i32>),
+    /// Time to persist the checkpoint and commit.
+    Tick,
+    /// Persist and commit now, then reply.
+    Flush(RpcReplyPort<()>),
+    /// Report progress.
+    Status(RpcReplyPort<CommitterStatus>),
+}
+
+/// A snapshot of the committer's progress.
+#[derive(Debug, Clone, Default)]
+pub struct CommitterStatus {
+    /// Records tracked and not yet acknowledged.
+    pub in_flight: usize,
+    /// Per partition, the next offset as last persisted.
+    pub persisted: BTreeMap<i32, i64>,
+    /// Checkpoints persisted so far.
+    pub checkpoints_persisted: u64,
+}
+
+/// One partition's progress.
+#[derive(Debug, Default)]
+struct PartitionProgress {
+    /// Tracked offsets in read order, with whether each is acknowledged.
+    pending: VecDeque<(i64, bool)>,
+    /// The offset after the contiguous acknowledged run: what to commit next.
+    committable: Option<i64>,
+    /// What was last persisted.
+    persisted: Option<i64>,
+}
+
+impl PartitionProgress {
+    fn track(&mut self, offset: i64) {
+        if let Some((last, _)) = self.pending.back() {
+            if offset <= *last {
+                // The consumer went back (a seek after reassignment): start over
+                // from here; earlier entries will be read again.
+                warn!(
+                    offset,
+                    last, "offset tracked out of order, resetting partition progress"
+                );
+                self.pending.clear();
+            }
+        }
+        self.pending.push_back((offset, false));
+    }
+
+    /// Marks an offset acknowledged; returns whether it was tracked.
+    fn acknowledge(&mut self, offset: i64) -> bool {
+        let Ok(index) = self
+            .pending
+            .binary_search_by_key(&offset, |(tracked, _)| *tracked)
+        else {
+            return false;
+        };
+        self.pending[index].1 = true;
+        while let Some((front_offset, true)) = self.pending.front().copied() {
+            self.pending.pop_front();
+            self.committable = Some(front_offset + 1);
+        }
+        true
+    }
+}
+
+/// The committer's state.
+pub struct CommitterState {
+    args: CommitterArgs,
+    /// Progress per partition.
+    partitions: BTreeMap<i32, PartitionProgress>,
+    /// Checkpoints persisted so far.
+    checkpoints_persisted: u64,
+}
+
+impl CommitterState {
+    fn in_flight(&self) -> usize {
+        self.partitions
+            .values()
+            .map(|progress| progress.pending.len())
+            .sum()
+    }
+
+    /// Persists every partition that moved, then commits them to Kafka.
+    async fn persist_and_commit(&mut self, only: Option<&[i32]>) -> Result<(), ActorProcessingErr> {
+        let moved: Vec<(i32, i64)> = self
+            .partitions
+            .iter()
+            .filter(|(partition, _)| only.is_none_or(|wanted| wanted.contains(partition)))
+            .filter_map(|(partition, progress)| match progress.committable {
+                Some(next) if Some(next) != progress.persisted => Some((*partition, next)),
+                _ => None,
+            })
+            .collect();
+        if moved.is_empty() {
+            return Ok(());
+        }
+        self.args
+            .store
+            .persist(&self.args.group_id, &self.args.topic, &moved)
+            .await?;
+        self.checkpoints_persisted += 1;
+        metrics::counter!(names::CHECKPOINTS_PERSISTED).increment(1);
+        let mut offsets = TopicPartitionList::new();
+        for (partition, next) in &moved {
+            if let Some(progress) = self.partitions.get_mut(partition) {
+                progress.persisted = Some(*next);
+            }
+            metrics::gauge!(names::CHECKPOINT_OFFSET, "partition" => partition.to_string())
+                .set(*next as f64);
+            offsets.add_partition_offset(&self.args.topic, *partition, Offset::Offset(*next))?;
+        }
+        if let Err(error) = self.args.consumer.commit(&offsets, CommitMode::Async) {
+            // The checkpoint is persisted; Kafka catches up on the next tick.
+            warn!(%error, "kafka commit failed after checkpoint was persisted");
+        }
+        debug!(partitions = moved.len(), "checkpoint persisted");
+        Ok(())
+    }
+}
+
+/// The committer actor.
+pub struct CommitterActor;
+
+impl Actor for CommitterActor {
+    type Msg = CommitterMsg;
+    type State = CommitterState;
+    type Arguments = CommitterArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_interval(args.commit_interval, || CommitterMsg::Tick);
+        Ok(CommitterState {
+            args,
+            partitions: BTreeMap::new(),
+            checkpoints_persisted: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            CommitterMsg::Track(positions) => {
+                for position in positions {
+                    state
+                        .partitions
+                        .entry(position.partition)
+                        .or_default()
+                        .track(position.offset);
+                }
+                metrics::gauge!(names::IN_FLIGHT).set(state.in_flight() as f64);
+            }
+            CommitterMsg::Ack { source, positions } => {
+                let mut untracked = 0usize;
+                for position in positions {
+                    let known = state
+                        .partitions
+                        .get_mut(&position.partition)
+                        .is_some_and(|progress| progress.acknowledge(position.offset));
+                    if !known {
+                        untracked += 1;
+                    }
+                }
+                if untracked > 0 {
+                    debug!(
+                        ?source,
+                        untracked, "acknowledgements for positions no longer tracked"
+                    );
+                }
+                metrics::gauge!(names::IN_FLIGHT).set(state.in_flight() as f64);
+            }
+            CommitterMsg::Revoked(revoked) => {
+                state.persist_and_commit(Some(&revoked)).await?;
+                for partition in revoked {
+                    state.partitions.remove(&partition);
+                }
+            }
+            CommitterMsg::Tick => state.persist_and_commit(None).await?,
+            CommitterMsg::Flush(reply) => {
+                state.persist_and_commit(None).await?;
+                let _ = reply.send(());
+            }
+            CommitterMsg::Status(reply) => {
+                let status = CommitterStatus {
+                    in_flight: state.in_flight(),
+                    persisted: state
+                        .partitions
+                        .iter()
+                        .filter_map(|(partition, progress)| {
+                            progress.persisted.map(|next| (*partition, next))
+                        })
+                        .collect(),
+                    checkpoints_persisted: state.checkpoints_persisted,
+                };
+                let _ = reply.send(status);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PartitionProgress;
+
+    #[test]
+    fn advances_only_over_a_contiguous_acknowledged_run() {
+        let mut progress = PartitionProgress::default();
+        for offset in 10..15 {
+            progress.track(offset);
+        }
+        assert!(progress.acknowledge(12));
+        assert!(progress.acknowledge(11));
+        assert_eq!(progress.committable, None, "10 is not acknowledged yet");
+        assert!(progress.acknowledge(10));
+        assert_eq!(progress.committable, Some(13));
+        assert!(progress.acknowledge(14));
+        assert_eq!(progress.committable, Some(13), "13 is still in flight");
+        assert!(progress.acknowledge(13));
+        assert_eq!(progress.committable, Some(15));
+        assert!(progress.pending.is_empty());
+    }
+
+    #[test]
+    fn gaps_in_offsets_do_not_block_progress() {
+        // Offsets need not be contiguous (compaction, transaction markers):
+        // only tracked offsets count.
+        let mut progress = PartitionProgress::default();
+        for offset in [3, 7, 8] {
+            progress.track(offset);
+        }
+        assert!(progress.acknowledge(8));
+        assert!(progress.acknowledge(3));
+        assert_eq!(progress.committable, Some(4));
+        assert!(progress.acknowledge(7));
+        assert_eq!(progress.committable, Some(9));
+    }
+
+    #[test]
+    fn unknown_offsets_are_ignored_and_a_rewind_resets() {
+        let mut progress = PartitionProgress::default();
+        progress.track(5);
+        progress.track(6);
+        assert!(!progress.acknowledge(4));
+        progress.track(5);
+        assert_eq!(progress.pending.len(), 1);
+        assert!(progress.acknowledge(5));
+        assert_eq!(progress.committable, Some(6));
+    }
+}

@@ -1,0 +1,58 @@
+//! The pipeline's typed configuration, built and validated by the binary.
+
+use std::time::Duration;
+
+/// Everything the actors need to know, passed down explicitly.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Kafka bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    /// Consumer group; also the key of the persisted checkpoint.
+    pub group_id: String,
+    /// Source topic.
+    pub topic: String,
+    /// Dead-letter topic.
+    pub dlq_topic: String,
+    /// PostgreSQL connection URL (sink table and checkpoints).
+    pub postgres_url: String,
+    /// ClickHouse HTTP URL.
+    pub clickhouse_url: String,
+    /// ClickHouse database holding the `events` table.
+    pub clickhouse_database: String,
+    /// ClickHouse user, if not the default.
+    pub clickhouse_user: Option<String>,
+    /// ClickHouse password, if any.
+    pub clickhouse_password: Option<String>,
+    /// The most records in one sink batch (and one consumer batch).
+    pub batch_size: usize,
+    /// How long the sink waits for a batch to fill before writing what it has.
+    pub linger: Duration,
+    /// Capacity, in messages, of each data mailbox (parser, sink, dlq-writer).
+    pub mailbox_capacity: usize,
+    /// How often the committer persists the checkpoint and commits to Kafka.
+    pub commit_interval: Duration,
+    /// Schema versions the parser accepts.
+    pub accepted_schema_versions: Vec<u32>,
+}
+
+impl PipelineConfig {
+    /// A configuration pointing at the local services started by `scripts/services.sh`.
+    pub fn local_defaults() -> PipelineConfig {
+        PipelineConfig {
+            brokers: "127.0.0.1:9092".to_string(),
+            group_id: "processor".to_string(),
+            topic: "events".to_string(),
+            dlq_topic: "events.dlq".to_string(),
+            postgres_url: "postgres://postgres:postgres@127.0.0.1:5432/pipeline".to_string(),
+            clickhouse_url: "http://127.0.0.1:8123".to_string(),
+            clickhouse_database: "pipeline".to_string(),
+            clickhouse_user: None,
+            clickhouse_password: None,
+            batch_size: 2000,
+            linger: Duration::from_millis(50),
+            mailbox_capacity: 8,
+            commit_interval: Duration::from_millis(200),
+            accepted_schema_versions: vec![1],
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! The consumer: reads the source topic and hands batches to the parser.
+//!
+//! Upstream: Kafka (rdkafka `BaseConsumer`, auto-commit off). Downstream: the
+//! parser, through a bounded mailbox, and the committer, which it tells what
+//! it handed out (`Track`) before it hands it out.
+//!
+//! On every partition assignment the [`CheckpointingContext`] loads the
+//! persisted checkpoint and assigns each partition at its checkpointed offset,
+//! so a restart (of this actor or of the process) resumes exactly where the
+//! committer left off. When the parser's mailbox is full, `send` waits and the
+//! consumer stops polling: librdkafka's prefetch queue fills and fetching
+//! stops, so a burst becomes lag, not memory.
+//!
+//! If it fails (the broker gone for good), its supervisor decides; records it
+//! read but did not commit are read again after a restart.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{error, info, warn};
+
+use crate::committer::CommitterMsg;
+use crate::config::PipelineConfig;
+use crate::error::PipelineError;
+use crate::mailbox::BoundedSender;
+use crate::metrics as names;
+use crate::models::{RawRecord, SourcePosition};
+use crate::parser::ParserMsg;
+use crate::storage::CheckpointStore;
+
+/// How long one poll waits for the first record, so the actor stays responsive.
+const POLL_WAIT: Duration = Duration::from_millis(100);
+
+/// A partition-assignment change, passed from the rebalance callback to the actor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebalanceNotice {
+    /// These partitions were assigned, at these offsets (None: no checkpoint yet).
+    Assigned(Vec<(i32, Option<i64>)>),
+    /// These partitions were taken away.
+    Revoked(Vec<i32>),
+}
+
+/// The consumer's librdkafka context: assigns partitions at their checkpoint.
+pub struct CheckpointingContext {
+    /// Consumer group: the checkpoint's key.
+    group_id: String,
+    /// Source topic.
+    topic: String,
+    /// Where checkpoints are read from.
+    store: Arc<CheckpointStore>,
+    /// The runtime that drives the checkpoint store's connection.
+    runtime: tokio::runtime::Handle,
+    /// Assignment changes not yet seen by the consumer actor.
+    notices: Mutex<Vec<RebalanceNotice>>,
+}
+
+impl CheckpointingContext {
+    /// Takes the assignment changes since the last call.
+    pub fn take_notices(&self) -> Vec<RebalanceNotice> {
+        std::mem::take(
+            &mut *self
+                .notices
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()),
+        )
+    }
+
+    fn push_notice(&self, notice: RebalanceNotice) {
+        self.notices
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .push(notice);
+    }
+
+    /// Reads the checkpoint from a thread of its own: the rebalance callback
+    /// runs inside librdkafka's poll, which may itself be on a runtime thread.
+    fn load_checkpoint(&self) -> Result<std::collections::HashMap<i32, i64>, PipelineError> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    self.runtime
+                        .block_on(self.store.load(&self.group_id, &self.topic))
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(PipelineError::Config {
+                        setting: "postgres-url",
+                        reason: "checkpoint loader thread panicked".to_string(),
+                    })
+                })
+        })
+    }
+}
+
+impl ClientContext for CheckpointingContext {}
+
+impl ConsumerContext for CheckpointingContext {
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let checkpoint = match self.load_checkpoint() {
+                    Ok(checkpoint) => checkpoint,
+                    Err(load_error) => {
+                        // Kafka's committed offsets are never ahead of the
+                        // checkpoint, so falling back to them only replays.
+                        error!(%load_error, "cannot load checkpoint, falling back to kafka committed offsets");
+                        Default::default()
+                    }
+                };
+                let mut assigned = Vec::new();
+                for element in tpl.elements() {
+                    let partition = element.partition();
+                    assigned.push((partition, checkpoint.get(&partition).copied()));
+                }
+                for (partition, next) in &assigned {
+                    if let Some(next_offset) = next {
+                        if let Err(set_error) = tpl.set_partition_offset(
+                            &self.topic,
+                            *partition,
+                            Offset::Offset(*next_offset),
+                        ) {
+                            error!(%set_error, partition, "cannot set checkpoint offset");
+                        }
+                    }
+                }
+                info!(?assigned, "partitions assigned at checkpoint");
+                if let Err(assign_error) = base_consumer.assign(tpl) {
+                    error!(%assign_error, "assign failed");
+                }
+                self.push_notice(RebalanceNotice::Assigned(assigned));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let revoked: Vec<i32> = tpl
+                    .elements()
+                    .iter()
+                    .map(|element| element.partition())
+                    .collect();
+                info!(?revoked, "partitions revoked");
+                self.push_notice(RebalanceNotice::Revoked(revoked));
+                if let Err(unassign_error) = base_consumer.unassign() {
+                    error!(%unassign_error, "unassign failed");
+                }
+            }
+            other => {
+                error!(?other, "rebalance error");
+                let _ = base_consumer.unassign();
+            }
+        }
+    }
+}
+
+/// Builds the consumer (not yet subscribed). Auto-commit and auto offset
+/// store are off: only the committer commits.
+pub fn create_consumer(
+    config: &PipelineConfig,
+    store: Arc<CheckpointStore>,
+) -> Result<Arc<BaseConsumer<CheckpointingContext>>, PipelineError> {
+    let context = CheckpointingContext {
+        group_id: config.group_id.clone(),
+        topic: config.topic.clone(),
+        store,
+        runtime: tokio::runtime::Handle::current(),
+        notices: Mutex::new(Vec::new()),
+    };
+    let consumer: BaseConsumer<CheckpointingContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", "10000")
+        .set("queued.max.messages.kbytes", "16384")
+        .create_with_context(context)
+        .map_err(PipelineError::kafka("create consumer"))?;
+    Ok(Arc::new(consumer))
+}
+
+/// What the consumer starts with.
+pub struct ConsumerArgs {
+    /// The rdkafka consumer, shared with the committer.
+    pub consumer: Arc<BaseConsumer<CheckpointingContext>>,
+    /// Source topic.
+    pub topic: String,
+    /// The most records handed to the parser in one message.
+    pub batch_size: usize,
+    /// The parser's bounded mailbox.
+    pub parser: BoundedSender<ParserMsg>,
+    /// The committer, told what is handed out.
+    pub committer: ActorRef<CommitterMsg>,
+}
+
+/// Messages the consumer handles.
+#[derive(Debug)]
+pub enum ConsumerMsg {
+    /// Read the next batch (the actor sends this to itself after each batch).
+    Poll,
+}
+
+/// The consumer's state.
+pub struct ConsumerState {
+    args: ConsumerArgs,
+}
+
+/// The consumer actor.
+pub struct ConsumerActor;
+
+impl Actor for ConsumerActor {
+    type Msg = ConsumerMsg;
+    type State = ConsumerState;
+    type Arguments = ConsumerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        args.consumer
+            .subscribe(&[&args.topic])
+            .map_err(PipelineError::kafka(format!("subscribe to {}", args.topic)))?;
+        Ok(ConsumerState { args })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        myself.cast(ConsumerMsg::Poll)?;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ConsumerMsg::Poll => {
+                let consumer = state.args.consumer.clone();
+                let batch_size = state.args.batch_size;
+                let records =
+                    tokio::task::spawn_blocking(move || poll_batch(&consumer, batch_size))
+                        .await??;
+                for notice in state.args.consumer.context().take_notices() {
+                    if let RebalanceNotice::Revoked(partitions) = notice {
+                        state
+                            .args
+                            .committer
+                            .cast(CommitterMsg::Revoked(partitions))?;
+                    }
+                }
+                if !records.is_empty() {
+                    metrics::counter!(names::EVENTS_CONSUMED).increment(records.len() as u64);
+                    let positions = records.iter().map(|record| record.position).collect();
+                    state.args.committer.cast(CommitterMsg::Track(positions))?;
+                    state
+                        .args
+                        .parser
+                        .send(|permit| ParserMsg::Parse { records, permit })
+                        .await?;
+                }
+                myself.cast(ConsumerMsg::Poll)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads up to `batch_size` records: waits up to [`POLL_WAIT`] for the first,
+/// then takes what is already fetched without waiting.
+fn poll_batch(
+    consumer: &BaseConsumer<CheckpointingContext>,
+    batch_size: usize,
+) -> Result<Vec<RawRecord>, PipelineError> {
+    let mut records = Vec::new();
+    let mut wait = POLL_WAIT;
+    while records.len() < batch_size {
+        match consumer.poll(wait) {
+            None => break,
+            Some(Ok(message)) => records.push(RawRecord {
+                position: SourcePosition {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                },
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().map(<[u8]>::to_vec),
+            }),
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(poll_error)) => {
+                // Broker and transport errors are retried by librdkafka; report and carry on.
+                warn!(%poll_error, "consumer poll error");
+                break;
+            }
+        }
+        wait = Duration::ZERO;
+    }
+    Ok(records)
+}
+
+/// Checks, before anything starts, that the broker answers and the topics
+/// exist (the broker may not auto-create them), so that a wrong address or
+/// a missing topic is a clear error at start rather than a silent wait.
+pub fn check_topics(brokers: &str, topics: &[&str]) -> Result<(), PipelineError> {
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(PipelineError::kafka("create metadata client"))?;
+    for topic in topics {
+        let metadata = probe
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(PipelineError::kafka(format!(
+                "cannot reach broker {brokers}"
+            )))?;
+        let present = metadata.topics().iter().any(|found| {
+            found.name() == *topic && found.error().is_none() && !found.partitions().is_empty()
+        });
+        if !present {
+            return Err(PipelineError::Config {
+                setting: "--topic/--dlq-topic",
+                reason: format!("topic {topic} does not exist on {brokers}; create it first"),
+            });
+        }
+    }
+    Ok(())
+}

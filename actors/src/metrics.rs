@@ -1,0 +1,27 @@
+//! Every metric name the actors export, in one place.
+//!
+//! Labels: `actor` for per-actor figures, `partition` for per-partition ones,
+//! `error_type` for dead letters (the [`crate::parse::PoisonKind`] label).
+
+/// Valid events stored by the sink (counter). The SLI's numerator.
+pub const EVENTS_PROCESSED: &str = "stream_events_processed_total";
+/// Poison records written to the dead-letter topic (counter, label `error_type`).
+pub const DLQ_MESSAGES: &str = "stream_dlq_messages_total";
+/// Records read from Kafka by the consumer (counter).
+pub const EVENTS_CONSUMED: &str = "stream_events_consumed_total";
+/// Messages waiting in or being handled by an actor's mailbox (gauge, label `actor`).
+pub const MAILBOX_DEPTH: &str = "stream_mailbox_depth";
+/// The bound of an actor's mailbox (gauge, label `actor`).
+pub const MAILBOX_CAPACITY: &str = "stream_mailbox_capacity";
+/// Microseconds senders spent waiting on a full mailbox (counter, label `actor`).
+pub const MAILBOX_SEND_WAIT_MICROS: &str = "stream_mailbox_send_wait_microseconds_total";
+/// Sink batch write duration in seconds (histogram, label `store`).
+pub const SINK_BATCH_SECONDS: &str = "stream_sink_batch_duration_seconds";
+/// Sink write attempts that failed and will be retried (counter, label `store`).
+pub const SINK_RETRIES: &str = "stream_sink_retries_total";
+/// The next offset to read per partition, as persisted in the checkpoint (gauge, label `partition`).
+pub const CHECKPOINT_OFFSET: &str = "stream_checkpoint_offset";
+/// Checkpoints persisted (counter).
+pub const CHECKPOINTS_PERSISTED: &str = "stream_checkpoints_persisted_total";
+/// Records consumed but not yet acknowledged by the sink or the DLQ (gauge).
+pub const IN_FLIGHT: &str = "stream_in_flight_records";

@@ -1,0 +1,57 @@
+//! Message payloads that travel between the actors.
+//!
+//! These are plain data: no actor references, no I/O handles. The actors'
+//! message enums wrap them.
+
+use crate::parse::{PoisonKind, ValidEvent};
+
+/// Where a record came from in Kafka. Every acknowledgement names one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourcePosition {
+    /// Kafka partition of the source topic.
+    pub partition: i32,
+    /// Offset of the record inside that partition.
+    pub offset: i64,
+}
+
+/// A record as the consumer read it, bytes untouched.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    /// Partition and offset, used for acknowledgements and DLQ headers.
+    pub position: SourcePosition,
+    /// The record key, kept unchanged so a dead letter carries the original key.
+    pub key: Option<Vec<u8>>,
+    /// The record value, kept unchanged so a dead letter carries the original bytes.
+    pub payload: Option<Vec<u8>>,
+}
+
+/// A record the parser accepted, ready for the sinks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRecord {
+    /// Where it came from: the sink acknowledges this position once stored.
+    pub position: SourcePosition,
+    /// The parsed event.
+    pub event: ValidEvent,
+}
+
+/// A record the parser rejected, on its way to the dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct PoisonRecord {
+    /// The original record, key and bytes unchanged.
+    pub raw: RawRecord,
+    /// Why it was rejected.
+    pub kind: PoisonKind,
+    /// A human-readable explanation, written to the `dlq.error.message` header.
+    pub message: String,
+    /// The pipeline stage that rejected it, written to the `dlq.stage` header.
+    pub stage: &'static str,
+}
+
+/// Which downstream actor acknowledged a set of positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckSource {
+    /// The sink stored the events in PostgreSQL and ClickHouse.
+    Sink,
+    /// The DLQ writer got broker confirmation for the dead letters.
+    DeadLetter,
+}

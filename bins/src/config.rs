@@ -1,0 +1,318 @@
+//! The processor's configuration: flags with environment fallbacks, validated
+//! at start. Defaults point at the local services of `scripts/services.sh`.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use stream_actors::PipelineConfig;
+
+/// A setting that cannot work, named as the user wrote it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {flag} ({env}): {reason}")]
+pub struct ConfigError {
+    /// The flag, e.g. `--batch-size`.
+    pub flag: &'static str,
+    /// The environment variable, e.g. `BATCH_SIZE`.
+    pub env: &'static str,
+    /// What is wrong with the value.
+    pub reason: String,
+}
+
+/// Where the pipeline's services are: shared by `processor` and `streamctl`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionArgs {
+    /// Kafka bootstrap servers, host:port[,host:port].
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Consumer group; also the key of the persisted checkpoint.
+    #[arg(long, env = "KAFKA_GROUP", default_value = "processor")]
+    pub group: String,
+    /// Source topic.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "events")]
+    pub topic: String,
+    /// Dead-letter topic for poison records.
+    #[arg(long, env = "KAFKA_DLQ_TOPIC", default_value = "events.dlq")]
+    pub dlq_topic: String,
+    /// PostgreSQL URL: the `events` table and the checkpoints live there.
+    #[arg(
+        long,
+        env = "POSTGRES_URL",
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/pipeline"
+    )]
+    pub postgres_url: String,
+    /// ClickHouse HTTP URL.
+    #[arg(long, env = "CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    pub clickhouse_url: String,
+    /// ClickHouse database holding the `events` table.
+    #[arg(long, env = "CLICKHOUSE_DATABASE", default_value = "pipeline")]
+    pub clickhouse_database: String,
+    /// ClickHouse user (default: the server's default user).
+    #[arg(long, env = "CLICKHOUSE_USER")]
+    pub clickhouse_user: Option<String>,
+    /// ClickHouse password.
+    #[arg(long, env = "CLICKHOUSE_PASSWORD", hide_env_values = true)]
+    pub clickhouse_password: Option<String>,
+}
+
+impl ConnectionArgs {
+    /// Checks the connection settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_brokers(&self.brokers)
+            .map_err(|reason| invalid("--brokers", "KAFKA_BROKERS", reason))?;
+        for (value, flag, env) in [
+            (&self.group, "--group", "KAFKA_GROUP"),
+            (&self.topic, "--topic", "KAFKA_TOPIC"),
+            (&self.dlq_topic, "--dlq-topic", "KAFKA_DLQ_TOPIC"),
+            (
+                &self.clickhouse_database,
+                "--clickhouse-database",
+                "CLICKHOUSE_DATABASE",
+            ),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(flag, env, "must not be empty"));
+            }
+        }
+        if self.topic == self.dlq_topic {
+            return Err(invalid(
+                "--dlq-topic",
+                "KAFKA_DLQ_TOPIC",
+                format!("must differ from --topic ({})", self.topic),
+            ));
+        }
+        tokio_postgres::Config::from_str(&self.postgres_url).map_err(|error| {
+            invalid(
+                "--postgres-url",
+                "POSTGRES_URL",
+                format!("not a PostgreSQL URL: {error}"),
+            )
+        })?;
+        if !(self.clickhouse_url.starts_with("http://")
+            || self.clickhouse_url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "--clickhouse-url",
+                "CLICKHOUSE_URL",
+                format!(
+                    "must start with http:// or https://, got {:?}",
+                    self.clickhouse_url
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A pipeline configuration with these connections and default tuning.
+    pub fn pipeline_config(&self) -> PipelineConfig {
+        PipelineConfig {
+            brokers: self.brokers.clone(),
+            group_id: self.group.clone(),
+            topic: self.topic.clone(),
+            dlq_topic: self.dlq_topic.clone(),
+            postgres_url: self.postgres_url.clone(),
+            clickhouse_url: self.clickhouse_url.clone(),
+            clickhouse_database: self.clickhouse_database.clone(),
+            clickhouse_user: self.clickhouse_user.clone(),
+            clickhouse_password: self.clickhouse_password.clone(),
+            ..PipelineConfig::local_defaults()
+        }
+    }
+}
+
+/// Moves events from Kafka into PostgreSQL and ClickHouse; dead-letters poison.
+///
+/// Every flag can also be set through the environment variable shown.
+/// Defaults point at the local services started by `scripts/services.sh up`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "processor", version, about, long_about = None)]
+pub struct ProcessorConfig {
+    /// Where the services are.
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
+    /// Records per sink batch (1..=100000).
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 2000)]
+    pub batch_size: usize,
+    /// Milliseconds the sink waits for a batch to fill (0..=60000).
+    #[arg(long, env = "LINGER_MS", default_value_t = 50)]
+    pub linger_ms: u64,
+    /// Capacity of each data mailbox, in messages (1..=100000).
+    #[arg(long, env = "MAILBOX_CAPACITY", default_value_t = 8)]
+    pub mailbox_capacity: usize,
+    /// Milliseconds between checkpoints (10..=60000).
+    #[arg(long, env = "COMMIT_INTERVAL_MS", default_value_t = 200)]
+    pub commit_interval_ms: u64,
+    /// Accepted schema versions, comma-separated.
+    #[arg(
+        long,
+        env = "ACCEPTED_SCHEMA_VERSIONS",
+        default_value = "1",
+        value_delimiter = ','
+    )]
+    pub accepted_schema_versions: Vec<String>,
+    /// Address of the Prometheus `/metrics` endpoint; empty to disable.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: String,
+}
+
+fn invalid(flag: &'static str, env: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        env,
+        reason: reason.into(),
+    }
+}
+
+impl ProcessorConfig {
+    /// Checks every value and builds the pipeline's configuration.
+    pub fn validate(&self) -> Result<(PipelineConfig, Option<SocketAddr>), ConfigError> {
+        self.connections.validate()?;
+        if !(1..=100_000).contains(&self.batch_size) {
+            return Err(invalid(
+                "--batch-size",
+                "BATCH_SIZE",
+                format!("must be 1..=100000, got {}", self.batch_size),
+            ));
+        }
+        if self.linger_ms > 60_000 {
+            return Err(invalid(
+                "--linger-ms",
+                "LINGER_MS",
+                format!("must be 0..=60000, got {}", self.linger_ms),
+            ));
+        }
+        if !(1..=100_000).contains(&self.mailbox_capacity) {
+            return Err(invalid(
+                "--mailbox-capacity",
+                "MAILBOX_CAPACITY",
+                format!("must be 1..=100000, got {}", self.mailbox_capacity),
+            ));
+        }
+        if !(10..=60_000).contains(&self.commit_interval_ms) {
+            return Err(invalid(
+                "--commit-interval-ms",
+                "COMMIT_INTERVAL_MS",
+                format!("must be 10..=60000, got {}", self.commit_interval_ms),
+            ));
+        }
+        let mut accepted_schema_versions = Vec::new();
+        for text in &self.accepted_schema_versions {
+            let version = text.trim().parse::<u32>().map_err(|_| {
+                invalid(
+                    "--accepted-schema-versions",
+                    "ACCEPTED_SCHEMA_VERSIONS",
+                    format!("{text:?} is not a version number"),
+                )
+            })?;
+            accepted_schema_versions.push(version);
+        }
+        let metrics_addr = if self.metrics_addr.trim().is_empty() {
+            None
+        } else {
+            Some(self.metrics_addr.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "--metrics-addr",
+                    "METRICS_ADDR",
+                    format!(
+                        "{:?} is not an address like 127.0.0.1:9464",
+                        self.metrics_addr
+                    ),
+                )
+            })?)
+        };
+        let config = PipelineConfig {
+            batch_size: self.batch_size,
+            linger: Duration::from_millis(self.linger_ms),
+            mailbox_capacity: self.mailbox_capacity,
+            commit_interval: Duration::from_millis(self.commit_interval_ms),
+            accepted_schema_versions,
+            ..self.connections.pipeline_config()
+        };
+        Ok((config, metrics_addr))
+    }
+}
+
+/// Checks `host:port[,host:port]`.
+pub fn validate_brokers(brokers: &str) -> Result<(), String> {
+    if brokers.trim().is_empty() {
+        return Err("must not be empty".to_string());
+    }
+    for broker in brokers.split(',') {
+        let Some((host, port)) = broker.trim().rsplit_once(':') else {
+            return Err(format!("{broker:?} is not host:port"));
+        };
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(format!("{broker:?} is not host:port"));
+        }
+    }
+    Ok(())
+}
+
+/// Parses command-line flags; on a bad flag prints one line naming it and exits 2.
+/// `--help` and `--version` print as usual and exit 0.
+pub fn parse_or_exit<T: Parser>() -> T {
+    match T::try_parse() {
+        Ok(parsed) => parsed,
+        Err(clap_error) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                clap_error.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = clap_error.print();
+                std::process::exit(0);
+            }
+            let rendered = clap_error.render().to_string();
+            let first_line = rendered
+                .lines()
+                .find(|line| !line.trim().is_empty())
+                .unwrap_or("error: bad arguments");
+            eprintln!("{first_line}");
+            std::process::exit(2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(arguments: &[&str]) -> ProcessorConfig {
+        let mut full = vec!["processor"];
+        full.extend_from_slice(arguments);
+        ProcessorConfig::try_parse_from(full).expect("parses")
+    }
+
+    #[test]
+    fn defaults_are_valid_and_point_at_local_services() {
+        let (config, metrics_addr) = parse(&[]).validate().expect("valid");
+        assert_eq!(config.brokers, "127.0.0.1:9092");
+        assert_eq!(config.topic, "events");
+        assert_eq!(config.dlq_topic, "events.dlq");
+        assert_eq!(metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+    }
+
+    #[test]
+    fn each_bad_value_names_its_setting() {
+        let cases: [(&[&str], &str); 7] = [
+            (&["--brokers", "nohostport"], "--brokers"),
+            (&["--batch-size", "0"], "--batch-size"),
+            (&["--mailbox-capacity", "0"], "--mailbox-capacity"),
+            (&["--postgres-url", "mysql:://x"], "--postgres-url"),
+            (&["--clickhouse-url", "127.0.0.1:8123"], "--clickhouse-url"),
+            (&["--dlq-topic", "events"], "--dlq-topic"),
+            (
+                &["--accepted-schema-versions", "1,x"],
+                "--accepted-schema-versions",
+            ),
+        ];
+        for (arguments, flag) in cases {
+            let error = parse(arguments).validate().expect_err("invalid");
+            assert_eq!(error.flag, flag, "{arguments:?}");
+            assert!(error.to_string().contains(flag));
+        }
+    }
+}

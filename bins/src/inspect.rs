@@ -1,0 +1,292 @@
+//! Independent reads of what the pipeline did: topic end offsets, the
+//! dead-letter topic, the stores and the checkpoint. Used by `streamctl` and by
+//! the tests; none of it goes through the pipeline's actors.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use stream_actors::storage::{connect_postgres, ClickHouseEvents};
+use stream_actors::PipelineConfig;
+
+/// How long a metadata or watermark request may take.
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn plain_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "streamctl-inspect")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .with_context(|| format!("cannot create a kafka client for {brokers}"))
+}
+
+/// The partitions of a topic, sorted.
+pub fn partitions(brokers: &str, topic: &str) -> anyhow::Result<Vec<i32>> {
+    let consumer = plain_consumer(brokers)?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
+        .with_context(|| format!("cannot read metadata of topic {topic} from {brokers}"))?;
+    let Some(topic_metadata) = metadata
+        .topics()
+        .iter()
+        .find(|candidate| candidate.name() == topic)
+    else {
+        bail!("topic {topic} not found on {brokers}");
+    };
+    if let Some(error) = topic_metadata.error() {
+        bail!("topic {topic} on {brokers}: {error:?}");
+    }
+    let mut partitions: Vec<i32> = topic_metadata
+        .partitions()
+        .iter()
+        .map(|partition| partition.id())
+        .collect();
+    partitions.sort_unstable();
+    Ok(partitions)
+}
+
+/// Per partition, the high watermark (the offset the next record will get).
+pub fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let consumer = plain_consumer(brokers)?;
+    let mut ends = BTreeMap::new();
+    for partition in partitions(brokers, topic)? {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, partition, KAFKA_TIMEOUT)
+            .with_context(|| format!("cannot read end offset of {topic}/{partition}"))?;
+        ends.insert(partition, high);
+    }
+    Ok(ends)
+}
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct ReadRecord {
+    /// Partition it was read from.
+    pub partition: i32,
+    /// Its offset there.
+    pub offset: i64,
+    /// Key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Value bytes.
+    pub payload: Option<Vec<u8>>,
+    /// Headers, in order; values as text (lossy).
+    pub headers: Vec<(String, String)>,
+}
+
+impl ReadRecord {
+    /// The first header with this name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Reads every record of a topic, from the beginning to the end offsets as
+/// they are now. Uses manual assignment: it joins no group, commits nothing.
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    deadline: Duration,
+) -> anyhow::Result<Vec<ReadRecord>> {
+    let ends = end_offsets(brokers, topic)?;
+    let consumer = plain_consumer(brokers)?;
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
+    for (partition, end) in &ends {
+        if *end > 0 {
+            assignment.add_partition_offset(topic, *partition, Offset::Beginning)?;
+            remaining.insert(*partition, *end);
+        }
+    }
+    let mut records = Vec::new();
+    if remaining.is_empty() {
+        return Ok(records);
+    }
+    consumer
+        .assign(&assignment)
+        .context("cannot assign partitions")?;
+    let started = Instant::now();
+    while !remaining.is_empty() {
+        if started.elapsed() > deadline {
+            bail!(
+                "reading {topic} did not finish within {deadline:?}; still missing {remaining:?}"
+            );
+        }
+        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = result.with_context(|| format!("error reading {topic}"))?;
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|header| {
+                        (
+                            header.key.to_string(),
+                            header
+                                .value
+                                .map(|value| String::from_utf8_lossy(value).into_owned())
+                                .unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        records.push(ReadRecord {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+        });
+        if let Some(end) = remaining.get(&message.partition()) {
+            if message.offset() + 1 >= *end {
+                remaining.remove(&message.partition());
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// The consumer group's committed offsets in Kafka, per partition.
+pub fn kafka_committed_offsets(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("cannot create a kafka client")?;
+    let mut wanted = TopicPartitionList::new();
+    for partition in partitions(brokers, topic)? {
+        wanted.add_partition(topic, partition);
+    }
+    let committed = consumer
+        .committed_offsets(wanted, KAFKA_TIMEOUT)
+        .with_context(|| format!("cannot read committed offsets of group {group}"))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|element| match element.offset() {
+            Offset::Offset(offset) => Some((element.partition(), offset)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The persisted checkpoint, per partition.
+pub async fn checkpoint_offsets(
+    postgres_url: &str,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let client = connect_postgres(postgres_url).await?;
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('pipeline_checkpoints') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(BTreeMap::new());
+    }
+    let rows = client
+        .query(
+            "SELECT partition, next_offset FROM pipeline_checkpoints WHERE consumer_group = $1 AND topic = $2",
+            &[&group, &topic],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| (row.get::<_, i32>(0), row.get::<_, i64>(1)))
+        .collect())
+}
+
+/// Row counts of the PostgreSQL `events` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostgresCounts {
+    /// All rows.
+    pub rows: i64,
+    /// Distinct `event_id`s.
+    pub distinct_event_ids: i64,
+}
+
+/// Counts the PostgreSQL `events` table (zero if it does not exist yet).
+pub async fn postgres_counts(postgres_url: &str) -> anyhow::Result<PostgresCounts> {
+    let client = connect_postgres(postgres_url).await?;
+    let exists: bool = client
+        .query_one("SELECT to_regclass('events') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(PostgresCounts {
+            rows: 0,
+            distinct_event_ids: 0,
+        });
+    }
+    let row = client
+        .query_one("SELECT count(*), count(DISTINCT event_id) FROM events", &[])
+        .await?;
+    Ok(PostgresCounts {
+        rows: row.get(0),
+        distinct_event_ids: row.get(1),
+    })
+}
+
+/// Row counts of the ClickHouse `events` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClickHouseCounts {
+    /// Rows as stored, before merges collapse replays.
+    pub raw_rows: u64,
+    /// Rows with `FINAL`: one per `event_id`.
+    pub final_rows: u64,
+    /// Distinct `event_id`s.
+    pub distinct_event_ids: u64,
+}
+
+/// Counts the ClickHouse `events` table (zero if it does not exist yet).
+pub async fn clickhouse_counts(config: &PipelineConfig) -> anyhow::Result<ClickHouseCounts> {
+    let client = ClickHouseEvents::client(config);
+    let exists: u8 = client
+        .query("EXISTS TABLE events")
+        .fetch_one()
+        .await
+        .with_context(|| format!("cannot query clickhouse at {}", config.clickhouse_url))?;
+    if exists == 0 {
+        return Ok(ClickHouseCounts {
+            raw_rows: 0,
+            final_rows: 0,
+            distinct_event_ids: 0,
+        });
+    }
+    let raw_rows: u64 = client
+        .query("SELECT count() FROM events")
+        .fetch_one()
+        .await?;
+    let final_rows: u64 = client
+        .query("SELECT count() FROM events FINAL")
+        .fetch_one()
+        .await?;
+    let distinct_event_ids: u64 = client
+        .query("SELECT uniqExact(event_id) FROM events")
+        .fetch_one()
+        .await?;
+    Ok(ClickHouseCounts {
+        raw_rows,
+        final_rows,
+        distinct_event_ids,
+    })
+}

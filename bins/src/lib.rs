@@ -1,0 +1,21 @@
+//! The binaries' logic, kept out of `main` so tests can call it.
+//!
+//! - [`config`]: the processor's flags (and the connection flags `streamctl` shares).
+//! - [`processor`]: runs the pipeline until a signal or a failure.
+//! - [`inspect`]: independent reads of topics, stores and checkpoints.
+//! - [`report`]: `streamctl report`, the demo's summary.
+
+pub mod config;
+pub mod inspect;
+pub mod processor;
+pub mod report;
+
+/// Sets up `tracing` to stderr; `RUST_LOG` overrides the default level.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

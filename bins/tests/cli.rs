@@ -1,0 +1,178 @@
+//! The binaries' behaviour on bad configuration and unreachable services:
+//! a clear one-line error naming the setting or the service, never a panic.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// Runs a binary with a deadline; kills it if it runs too long.
+fn run_with_deadline(binary: &str, arguments: &[&str], deadline: Duration) -> Output {
+    let mut child = Command::new(binary)
+        .args(arguments)
+        .env_remove("KAFKA_BROKERS")
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn binary");
+    let started = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if started.elapsed() > deadline {
+            child.kill().ok();
+            let output = child.wait_with_output().expect("output");
+            panic!(
+                "{binary} {arguments:?} still running after {deadline:?}; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+const PROCESSOR: &str = env!("CARGO_BIN_EXE_processor");
+const STREAMCTL: &str = env!("CARGO_BIN_EXE_streamctl");
+
+#[test]
+fn bad_values_exit_2_with_one_line_naming_the_setting() {
+    let cases: [(&[&str], &str); 6] = [
+        (&["--batch-size", "0"], "--batch-size"),
+        (&["--batch-size", "many"], "--batch-size"),
+        (&["--mailbox-capacity", "0"], "--mailbox-capacity"),
+        (&["--brokers", "no-port"], "--brokers"),
+        (&["--metrics-addr", "nowhere"], "--metrics-addr"),
+        (&["--no-such-flag"], "--no-such-flag"),
+    ];
+    for (arguments, setting) in cases {
+        let output = run_with_deadline(PROCESSOR, arguments, Duration::from_secs(20));
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(2), "{arguments:?}: {stderr}");
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{arguments:?}: more than one line: {stderr}"
+        );
+        assert!(stderr.contains(setting), "{arguments:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn environment_values_are_validated_too() {
+    let output = Command::new(PROCESSOR)
+        .env("BATCH_SIZE", "0")
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr_of(&output).contains("BATCH_SIZE"));
+}
+
+#[test]
+fn help_explains_the_settings() {
+    let output = run_with_deadline(PROCESSOR, &["--help"], Duration::from_secs(20));
+    assert_eq!(output.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&output.stdout);
+    for setting in [
+        "--brokers",
+        "--group",
+        "--topic",
+        "--dlq-topic",
+        "--postgres-url",
+        "--clickhouse-url",
+        "--batch-size",
+        "--linger-ms",
+        "--mailbox-capacity",
+        "--metrics-addr",
+        "KAFKA_BROKERS",
+    ] {
+        assert!(help.contains(setting), "help lacks {setting}");
+    }
+}
+
+#[test]
+fn unreachable_postgres_is_a_clear_error() {
+    let output = run_with_deadline(
+        PROCESSOR,
+        &[
+            "--postgres-url",
+            "postgres://postgres:postgres@127.0.0.1:1/pipeline",
+            "--metrics-addr",
+            "",
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("postgres") && stderr.contains("127.0.0.1:1"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn unreachable_clickhouse_is_a_clear_error() {
+    let output = run_with_deadline(
+        PROCESSOR,
+        &[
+            "--clickhouse-url",
+            "http://127.0.0.1:1",
+            "--metrics-addr",
+            "",
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("clickhouse") && stderr.contains("127.0.0.1:1"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn unreachable_kafka_is_a_clear_error() {
+    let output = run_with_deadline(
+        PROCESSOR,
+        &["--brokers", "127.0.0.1:1", "--metrics-addr", ""],
+        Duration::from_secs(60),
+    );
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("kafka") && stderr.contains("127.0.0.1:1"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_missing_topic_is_a_clear_error() {
+    let output = run_with_deadline(
+        PROCESSOR,
+        &["--topic", "no_such_topic_for_tests", "--metrics-addr", ""],
+        Duration::from_secs(60),
+    );
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no_such_topic_for_tests"), "{stderr}");
+}
+
+#[test]
+fn streamctl_report_names_an_unreachable_service() {
+    let output = run_with_deadline(
+        STREAMCTL,
+        &["report", "--brokers", "127.0.0.1:1", "--wait-secs", "0"],
+        Duration::from_secs(60),
+    );
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

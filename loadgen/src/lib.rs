@@ -1,0 +1,558 @@
+//! Load generator: producer actors that send valid events and a chosen
+//! fraction of poison to Kafka, and an exact ledger of what was delivered.
+//!
+//! - [`generate_record`]: one record, valid or poison, from a seeded RNG.
+//! - [`ProducerActor`]: produces its share of the records at its share of the rate.
+//! - [`run`]: spawns the producers, prints progress, returns the [`Ledger`].
+//!
+//! The ledger counts only records the broker confirmed; the producer is
+//! idempotent, so a retried send is not stored twice by the broker.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use serde::Serialize;
+
+/// Metric: records the broker confirmed, by kind (`valid` or a poison kind).
+pub const SENT_METRIC: &str = "loadgen_sent_total";
+
+/// The kinds of poison loadgen sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PoisonKind {
+    /// Truncated or garbled JSON.
+    MalformedJson,
+    /// A JSON object without `event_id`.
+    MissingEventId,
+    /// `amount` as a string.
+    WrongFieldType,
+    /// `ts` two years in the future.
+    TsOutOfRange,
+    /// `schema_version` 99.
+    UnknownSchemaVersion,
+}
+
+impl PoisonKind {
+    /// Every kind, in label order.
+    pub const ALL: [PoisonKind; 5] = [
+        PoisonKind::MalformedJson,
+        PoisonKind::MissingEventId,
+        PoisonKind::WrongFieldType,
+        PoisonKind::TsOutOfRange,
+        PoisonKind::UnknownSchemaVersion,
+    ];
+
+    /// The ledger's name for the kind.
+    pub fn label(self) -> &'static str {
+        match self {
+            PoisonKind::MalformedJson => "malformed_json",
+            PoisonKind::MissingEventId => "missing_event_id",
+            PoisonKind::WrongFieldType => "wrong_field_type",
+            PoisonKind::TsOutOfRange => "ts_out_of_range",
+            PoisonKind::UnknownSchemaVersion => "unknown_schema_version",
+        }
+    }
+
+    /// The `dlq.error.type` the processor gives this kind.
+    pub fn expected_dlq_error_type(self) -> &'static str {
+        match self {
+            PoisonKind::MalformedJson => "malformed_json",
+            PoisonKind::MissingEventId => "missing_field",
+            PoisonKind::WrongFieldType => "wrong_field_type",
+            PoisonKind::TsOutOfRange => "timestamp_out_of_range",
+            PoisonKind::UnknownSchemaVersion => "unknown_schema_version",
+        }
+    }
+}
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub struct LoadgenConfig {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// Target topic.
+    pub topic: String,
+    /// Records to send in total.
+    pub count: u64,
+    /// Records per second in total; 0 means as fast as possible.
+    pub rate: u64,
+    /// Fraction of records that are poison, 0..=1.
+    pub poison_rate: f64,
+    /// RNG seed: the same seed sends the same records.
+    pub seed: u64,
+    /// Producer actors sharing the work.
+    pub producers: usize,
+    /// Print progress to stderr about once a second.
+    pub progress: bool,
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadgenError {
+    /// A setting cannot work.
+    #[error("invalid setting {setting}: {reason}")]
+    Config {
+        /// The flag at fault.
+        setting: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The producer could not be created or records were not delivered.
+    #[error("kafka: {0}")]
+    Kafka(String),
+    /// A producer actor failed.
+    #[error("producer actor: {0}")]
+    Actor(String),
+}
+
+impl LoadgenConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), LoadgenError> {
+        let invalid =
+            |setting: &'static str, reason: String| LoadgenError::Config { setting, reason };
+        if !(0.0..=1.0).contains(&self.poison_rate) || self.poison_rate.is_nan() {
+            return Err(invalid(
+                "--poison-rate",
+                format!("must be within 0..=1, got {}", self.poison_rate),
+            ));
+        }
+        if self.count == 0 {
+            return Err(invalid("--count", "must be at least 1".to_string()));
+        }
+        if !(1..=64).contains(&self.producers) {
+            return Err(invalid(
+                "--producers",
+                format!("must be 1..=64, got {}", self.producers),
+            ));
+        }
+        if self.topic.trim().is_empty() {
+            return Err(invalid("--topic", "must not be empty".to_string()));
+        }
+        if self.brokers.trim().is_empty() {
+            return Err(invalid("--brokers", "must not be empty".to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// The exact account of a run: the last line loadgen prints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Ledger {
+    /// Records the broker confirmed.
+    pub sent: u64,
+    /// Valid events among them.
+    pub valid: u64,
+    /// Poison among them.
+    pub poison: u64,
+    /// Poison by kind label.
+    pub poison_by_kind: BTreeMap<String, u64>,
+    /// Wall time of the run, seconds.
+    pub elapsed_s: f64,
+    /// Records per second.
+    pub rate: f64,
+}
+
+impl Ledger {
+    fn absorb(&mut self, tally: &Tally) {
+        self.sent += tally.valid + tally.poison.values().sum::<u64>();
+        self.valid += tally.valid;
+        for (kind, count) in &tally.poison {
+            self.poison += count;
+            *self
+                .poison_by_kind
+                .entry(kind.label().to_string())
+                .or_insert(0) += count;
+        }
+    }
+}
+
+/// One generated record.
+#[derive(Debug, Clone)]
+pub struct GeneratedRecord {
+    /// Kafka key: the user id.
+    pub key: String,
+    /// Kafka value.
+    pub payload: Vec<u8>,
+    /// `None` for a valid event.
+    pub poison: Option<PoisonKind>,
+}
+
+const EVENT_TYPES: [&str; 4] = ["page_view", "add_to_cart", "purchase", "refund"];
+
+/// Makes one record from the RNG: poison with probability `poison_rate`.
+pub fn generate_record(rng: &mut StdRng, poison_rate: f64, now_ms: i64) -> GeneratedRecord {
+    let event_id = uuid::Builder::from_random_bytes(rng.gen()).into_uuid();
+    let user_id = format!("user-{}", rng.gen_range(0..10_000));
+    let event_type = EVENT_TYPES[rng.gen_range(0..EVENT_TYPES.len())];
+    let amount = (rng.gen_range(0..50_000) as f64) / 100.0;
+    let ts = now_ms - rng.gen_range(0..60_000);
+    let poison = if poison_rate > 0.0 && rng.gen_bool(poison_rate) {
+        Some(PoisonKind::ALL[rng.gen_range(0..PoisonKind::ALL.len())])
+    } else {
+        None
+    };
+    let payload = match poison {
+        None => serde_json::json!({"event_id": event_id, "event_type": event_type, "user_id": user_id, "amount": amount, "ts": ts, "schema_version": 1}).to_string(),
+        Some(PoisonKind::MalformedJson) => {
+            let whole = serde_json::json!({"event_id": event_id, "event_type": event_type, "user_id": user_id, "amount": amount, "ts": ts, "schema_version": 1}).to_string();
+            let cut = rng.gen_range(1..whole.len() - 1);
+            whole[..cut].to_string()
+        }
+        Some(PoisonKind::MissingEventId) => serde_json::json!({"event_type": event_type, "user_id": user_id, "amount": amount, "ts": ts, "schema_version": 1}).to_string(),
+        Some(PoisonKind::WrongFieldType) => serde_json::json!({"event_id": event_id, "event_type": event_type, "user_id": user_id, "amount": amount.to_string(), "ts": ts, "schema_version": 1}).to_string(),
+        Some(PoisonKind::TsOutOfRange) => serde_json::json!({"event_id": event_id, "event_type": event_type, "user_id": user_id, "amount": amount, "ts": now_ms + 2 * 365 * 24 * 3600 * 1000, "schema_version": 1}).to_string(),
+        Some(PoisonKind::UnknownSchemaVersion) => serde_json::json!({"event_id": event_id, "event_type": event_type, "user_id": user_id, "amount": amount, "ts": ts, "schema_version": 99}).to_string(),
+    };
+    GeneratedRecord {
+        key: user_id,
+        payload: payload.into_bytes(),
+        poison,
+    }
+}
+
+/// What one producer actor delivered.
+#[derive(Debug, Clone, Default)]
+pub struct Tally {
+    /// Valid events delivered.
+    pub valid: u64,
+    /// Poison delivered, by kind.
+    pub poison: BTreeMap<PoisonKind, u64>,
+    /// Records the broker did not confirm.
+    pub failed: u64,
+    /// The first delivery error, if any.
+    pub first_error: Option<String>,
+}
+
+/// Messages a producer actor handles.
+pub enum ProducerMsg {
+    /// Send `count` records at `rate` per second (0: unpaced), then reply.
+    Produce {
+        /// Records to send.
+        count: u64,
+        /// Records per second for this actor.
+        rate: f64,
+        /// The RNG seed for this actor.
+        seed: u64,
+        /// Where to send the tally.
+        reply: RpcReplyPort<Tally>,
+    },
+}
+
+/// What a producer actor starts with.
+pub struct ProducerArgs {
+    /// The shared idempotent producer.
+    pub producer: FutureProducer,
+    /// Target topic.
+    pub topic: String,
+    /// Poison fraction.
+    pub poison_rate: f64,
+    /// Shared count of confirmed records, for progress output.
+    pub delivered: Arc<AtomicU64>,
+}
+
+/// A producer actor: sends its share and tallies deliveries.
+pub struct ProducerActor;
+
+/// The most records one actor keeps waiting for confirmation.
+const MAX_IN_FLIGHT: usize = 20_000;
+
+impl Actor for ProducerActor {
+    type Msg = ProducerMsg;
+    type State = ProducerArgs;
+    type Arguments = ProducerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let ProducerMsg::Produce {
+            count,
+            rate,
+            seed,
+            reply,
+        } = message;
+        let tally = produce_share(state, count, rate, seed).await;
+        let _ = reply.send(tally);
+        Ok(())
+    }
+}
+
+async fn settle(
+    in_flight: &mut std::collections::VecDeque<(DeliveryFuture, Option<PoisonKind>)>,
+    tally: &mut Tally,
+    delivered: &AtomicU64,
+) {
+    let Some((delivery, poison)) = in_flight.pop_front() else {
+        return;
+    };
+    match delivery.await {
+        Ok(Ok(_)) => {
+            match poison {
+                None => tally.valid += 1,
+                Some(kind) => *tally.poison.entry(kind).or_insert(0) += 1,
+            }
+            delivered.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(SENT_METRIC, "kind" => poison.map(PoisonKind::label).unwrap_or("valid")).increment(1);
+        }
+        Ok(Err((delivery_error, _))) => {
+            tally.failed += 1;
+            tally
+                .first_error
+                .get_or_insert_with(|| delivery_error.to_string());
+        }
+        Err(_cancelled) => {
+            tally.failed += 1;
+            tally
+                .first_error
+                .get_or_insert_with(|| "delivery cancelled".to_string());
+        }
+    }
+}
+
+async fn produce_share(state: &ProducerArgs, count: u64, rate: f64, seed: u64) -> Tally {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tally = Tally::default();
+    let mut in_flight = std::collections::VecDeque::new();
+    let started = Instant::now();
+    for sequence in 0..count {
+        if rate > 0.0 && sequence % 100 == 0 {
+            let due = started + Duration::from_secs_f64(sequence as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as i64)
+            .unwrap_or_default();
+        let record = generate_record(&mut rng, state.poison_rate, now_ms);
+        loop {
+            let kafka_record = FutureRecord::to(&state.topic)
+                .key(record.key.as_str())
+                .payload(record.payload.as_slice());
+            match state.producer.send_result(kafka_record) {
+                Ok(delivery) => {
+                    in_flight.push_back((delivery, record.poison));
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    if in_flight.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    } else {
+                        settle(&mut in_flight, &mut tally, &state.delivered).await;
+                    }
+                }
+                Err((send_error, _)) => {
+                    tally.failed += 1;
+                    tally
+                        .first_error
+                        .get_or_insert_with(|| send_error.to_string());
+                    break;
+                }
+            }
+        }
+        while in_flight.len() >= MAX_IN_FLIGHT {
+            settle(&mut in_flight, &mut tally, &state.delivered).await;
+        }
+    }
+    while !in_flight.is_empty() {
+        settle(&mut in_flight, &mut tally, &state.delivered).await;
+    }
+    tally
+}
+
+/// Creates the idempotent producer.
+pub fn create_producer(brokers: &str) -> Result<FutureProducer, LoadgenError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "10")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "200000")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .map_err(|error| {
+            LoadgenError::Kafka(format!("cannot create producer for {brokers}: {error}"))
+        })
+}
+
+/// Sends everything and returns the ledger. Fails if any record was not delivered.
+pub async fn run(config: &LoadgenConfig) -> Result<Ledger, LoadgenError> {
+    config.validate()?;
+    let producer = create_producer(&config.brokers)?;
+    // Fail fast, with a clear message, when the broker or the topic is not there.
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(&config.topic), Duration::from_secs(10))
+        .map_err(|error| {
+            LoadgenError::Kafka(format!("cannot reach broker {}: {error}", config.brokers))
+        })?;
+    let topic_known = metadata.topics().iter().any(|topic| {
+        topic.name() == config.topic && topic.error().is_none() && !topic.partitions().is_empty()
+    });
+    if !topic_known {
+        return Err(LoadgenError::Kafka(format!(
+            "topic {} does not exist on {} (create it first; the broker does not auto-create topics)",
+            config.topic, config.brokers
+        )));
+    }
+
+    let delivered = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let progress_task = config.progress.then(|| {
+        let delivered = delivered.clone();
+        let total = config.count;
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let so_far = delivered.load(Ordering::Relaxed);
+                eprintln!(
+                    "loadgen: {so_far}/{total} sent ({:.0}/s)",
+                    so_far as f64 / started.elapsed().as_secs_f64()
+                );
+            }
+        })
+    });
+
+    let mut calls = Vec::new();
+    let mut actors = Vec::new();
+    for index in 0..config.producers {
+        let share = config.count / config.producers as u64
+            + u64::from((index as u64) < config.count % config.producers as u64);
+        let (actor, handle) = Actor::spawn(
+            None,
+            ProducerActor,
+            ProducerArgs {
+                producer: producer.clone(),
+                topic: config.topic.clone(),
+                poison_rate: config.poison_rate,
+                delivered: delivered.clone(),
+            },
+        )
+        .await
+        .map_err(|error| LoadgenError::Actor(error.to_string()))?;
+        let rate = config.rate as f64 / config.producers as f64;
+        let seed = config
+            .seed
+            .wrapping_mul(1_000_003)
+            .wrapping_add(index as u64);
+        let caller = actor.clone();
+        calls.push(async move {
+            caller
+                .call(
+                    move |reply| ProducerMsg::Produce {
+                        count: share,
+                        rate,
+                        seed,
+                        reply,
+                    },
+                    None,
+                )
+                .await
+        });
+        actors.push((actor, handle));
+    }
+    let mut ledger = Ledger::default();
+    let mut failed = 0u64;
+    let mut first_error = None;
+    for outcome in futures::future::join_all(calls).await {
+        match outcome {
+            Ok(ractor::rpc::CallResult::Success(tally)) => {
+                ledger.absorb(&tally);
+                failed += tally.failed;
+                if first_error.is_none() {
+                    first_error = tally.first_error;
+                }
+            }
+            Ok(other) => {
+                return Err(LoadgenError::Actor(format!(
+                    "producer did not answer: {other:?}"
+                )))
+            }
+            Err(error) => return Err(LoadgenError::Actor(error.to_string())),
+        }
+    }
+    for (actor, handle) in actors {
+        actor.stop(None);
+        let _ = handle.await;
+    }
+    if let Some(task) = progress_task {
+        task.abort();
+    }
+    ledger.elapsed_s = started.elapsed().as_secs_f64();
+    ledger.rate = ledger.sent as f64 / ledger.elapsed_s.max(1e-9);
+    if failed > 0 {
+        return Err(LoadgenError::Kafka(format!(
+            "{failed} records were not delivered (first error: {}); delivered: {}",
+            first_error.unwrap_or_default(),
+            serde_json::to_string(&ledger).unwrap_or_default()
+        )));
+    }
+    Ok(ledger)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_makes_the_same_records() {
+        let mut first = StdRng::seed_from_u64(7);
+        let mut second = StdRng::seed_from_u64(7);
+        for _ in 0..100 {
+            let a = generate_record(&mut first, 0.3, 1_000);
+            let b = generate_record(&mut second, 0.3, 1_000);
+            assert_eq!(a.payload, b.payload);
+            assert_eq!(a.poison, b.poison);
+        }
+    }
+
+    #[test]
+    fn poison_rate_is_respected_and_every_kind_appears() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut poison = BTreeMap::new();
+        let total = 200_000;
+        for _ in 0..total {
+            if let Some(kind) = generate_record(&mut rng, 0.05, 1_000).poison {
+                *poison.entry(kind).or_insert(0u64) += 1;
+            }
+        }
+        let fraction = poison.values().sum::<u64>() as f64 / total as f64;
+        assert!((fraction - 0.05).abs() < 0.005, "fraction {fraction}");
+        assert_eq!(poison.len(), PoisonKind::ALL.len());
+    }
+
+    #[test]
+    fn bad_settings_name_the_flag() {
+        let config = LoadgenConfig {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "events".into(),
+            count: 10,
+            rate: 0,
+            poison_rate: 1.5,
+            seed: 0,
+            producers: 2,
+            progress: false,
+        };
+        let error = config.validate().expect_err("invalid");
+        assert!(error.to_string().contains("--poison-rate"));
+    }
+}
