@@ -4,11 +4,13 @@
 //! - [`processor`]: runs the pipeline until a signal or a failure.
 //! - [`inspect`]: independent reads of topics, stores and checkpoints.
 //! - [`report`]: `streamctl report`, the demo's summary.
+//! - [`scratch`]: private topics and databases for tests and measurements.
 
 pub mod config;
 pub mod inspect;
 pub mod processor;
 pub mod report;
+pub mod scratch;
 
 /// Sets up `tracing` to stderr; `RUST_LOG` overrides the default level.
 pub fn init_tracing() {

@@ -1,0 +1,203 @@
+//! Scratch environments: private topics, PostgreSQL database and ClickHouse
+//! database on the real services, so that tests and measurements never see
+//! each other's data. Service addresses come from the same environment
+//! variables the binaries read, with the local defaults.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use stream_actors::PipelineConfig;
+use crate::config::ConnectionArgs;
+
+static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// Kafka brokers under test.
+pub fn brokers() -> String {
+    env_or("KAFKA_BROKERS", "127.0.0.1:9092")
+}
+
+/// A PostgreSQL URL for the server's maintenance database.
+pub fn postgres_admin_url() -> String {
+    env_or(
+        "POSTGRES_ADMIN_URL",
+        "postgres://postgres:postgres@127.0.0.1:5432/postgres",
+    )
+}
+
+/// ClickHouse under test.
+pub fn clickhouse_url() -> String {
+    env_or("CLICKHOUSE_URL", "http://127.0.0.1:8123")
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique_name(prefix: &str) -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        millis % 100_000_000,
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Creates a topic and waits until its metadata shows every partition.
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics request");
+    for result in results {
+        result.unwrap_or_else(|(topic, code)| panic!("create topic {topic}: {code:?}"));
+    }
+    let brokers = brokers();
+    let topic = name.to_string();
+    wait_until("topic metadata", Duration::from_secs(30), || {
+        let brokers = brokers.clone();
+        let topic = topic.clone();
+        async move {
+            crate::inspect::partitions(&brokers, &topic)
+                .map(|found| found.len() == partitions as usize)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+}
+
+/// Polls `condition` every 100 ms until it holds; panics after `deadline`.
+pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One test's private corner of the services.
+pub struct TestEnv {
+    /// The pipeline configuration pointing at this corner.
+    pub config: PipelineConfig,
+}
+
+impl TestEnv {
+    /// Creates topics (source with `partitions`, DLQ with 3), a PostgreSQL
+    /// database and a ClickHouse database, all named after `prefix`.
+    pub async fn new(prefix: &str, partitions: i32) -> TestEnv {
+        let name = unique_name(prefix);
+        let topic = format!("{name}_events");
+        let dlq_topic = format!("{name}_events_dlq");
+        create_topic(&topic, partitions).await;
+        create_topic(&dlq_topic, 3).await;
+
+        let admin = stream_actors::storage::connect_postgres(&postgres_admin_url())
+            .await
+            .expect("postgres admin connection");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create postgres database");
+        let postgres_url = postgres_admin_url()
+            .rsplit_once('/')
+            .map(|(base, _)| format!("{base}/{name}"))
+            .unwrap();
+
+        let clickhouse = clickhouse::Client::default().with_url(clickhouse_url());
+        clickhouse
+            .query(&format!("CREATE DATABASE IF NOT EXISTS {name}"))
+            .execute()
+            .await
+            .expect("create clickhouse database");
+
+        let config = PipelineConfig {
+            brokers: brokers(),
+            group_id: format!("{name}_group"),
+            topic,
+            dlq_topic,
+            postgres_url,
+            clickhouse_url: clickhouse_url(),
+            clickhouse_database: name,
+            ..PipelineConfig::local_defaults()
+        };
+        TestEnv { config }
+    }
+
+    /// The same corner as connection flags, for the report and `streamctl`.
+    pub fn connections(&self) -> ConnectionArgs {
+        ConnectionArgs {
+            brokers: self.config.brokers.clone(),
+            group: self.config.group_id.clone(),
+            topic: self.config.topic.clone(),
+            dlq_topic: self.config.dlq_topic.clone(),
+            postgres_url: self.config.postgres_url.clone(),
+            clickhouse_url: self.config.clickhouse_url.clone(),
+            clickhouse_database: self.config.clickhouse_database.clone(),
+            clickhouse_user: None,
+            clickhouse_password: None,
+        }
+    }
+
+    /// Sends `count` records with loadgen's producers; returns the ledger.
+    pub async fn produce(&self, count: u64, poison_rate: f64, seed: u64) -> loadgen::Ledger {
+        loadgen::run(&loadgen::LoadgenConfig {
+            brokers: self.config.brokers.clone(),
+            topic: self.config.topic.clone(),
+            count,
+            rate: 0,
+            poison_rate,
+            seed,
+            producers: 2,
+            progress: false,
+        })
+        .await
+        .expect("loadgen run")
+    }
+
+    /// Waits until the persisted checkpoint reaches the end of every partition.
+    pub async fn wait_for_catch_up(&self, deadline: Duration) {
+        let connections = self.connections();
+        wait_until("checkpoint to reach the end offsets", deadline, || {
+            let connections = connections.clone();
+            async move {
+                let ends =
+                    crate::inspect::end_offsets(&connections.brokers, &connections.topic)
+                        .unwrap();
+                let checkpoint = crate::inspect::checkpoint_offsets(
+                    &connections.postgres_url,
+                    &connections.group,
+                    &connections.topic,
+                )
+                .await
+                .unwrap();
+                crate::report::lag(&ends, &checkpoint) == 0
+            }
+        })
+        .await;
+    }
+}

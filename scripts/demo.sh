@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The local demo: starts the services, runs the processor under
+# `loadgen --poison-rate 0.005`, waits for catch-up and prints what happened.
+#
+#   bash scripts/demo.sh            # 200000 events
+#   COUNT=50000 bash scripts/demo.sh
+#
+# Each run starts clean: it recreates the topics `events` and `events.dlq`,
+# drops the pipeline's tables and uses a fresh consumer group.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+COUNT="${COUNT:-200000}"
+RATE="${RATE:-0}"
+POISON_RATE="${POISON_RATE:-0.005}"
+BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+POSTGRES_URL="${POSTGRES_URL:-postgres://postgres:postgres@127.0.0.1:5432/pipeline}"
+CLICKHOUSE_URL="${CLICKHOUSE_URL:-http://127.0.0.1:8123}"
+METRICS_ADDR="${METRICS_ADDR:-127.0.0.1:9464}"
+GROUP="processor-demo-$(date +%s)"
+STATE="$ROOT/.services"
+mkdir -p "$STATE"
+
+say() { printf '%s\n' "$*" >&2; }
+
+say "== 0. services =="
+bash scripts/services.sh up
+
+say "== building release binaries (first time takes a few minutes) =="
+cargo build --release -p stream-bins -p loadgen
+BIN="$ROOT/target/release"
+
+say "== starting clean: topics recreated, tables dropped, group $GROUP =="
+for topic in events events.dlq; do
+  tansu topic delete "$topic" --broker "tcp://${BROKERS}" >/dev/null 2>&1 || true
+  tansu topic create "$topic" --partitions 6 --broker "tcp://${BROKERS}" >/dev/null
+done
+psql -q "$POSTGRES_URL" -c 'DROP TABLE IF EXISTS events; DROP TABLE IF EXISTS pipeline_checkpoints;' >/dev/null
+curl -sf "$CLICKHOUSE_URL/" --data-binary 'DROP TABLE IF EXISTS pipeline.events' >/dev/null
+
+say "== 1. processor =="
+"$BIN/processor" --brokers "$BROKERS" --group "$GROUP" --postgres-url "$POSTGRES_URL" \
+  --clickhouse-url "$CLICKHOUSE_URL" --metrics-addr "$METRICS_ADDR" >"$STATE/processor.log" 2>&1 &
+PROCESSOR_PID=$!
+stop_processor() { kill -TERM "$PROCESSOR_PID" 2>/dev/null && wait "$PROCESSOR_PID" 2>/dev/null || true; }
+trap stop_processor EXIT
+for _ in $(seq 1 100); do
+  if grep -q "pipeline started" "$STATE/processor.log"; then break; fi
+  if ! kill -0 "$PROCESSOR_PID" 2>/dev/null; then
+    say "processor exited:"; tail -20 "$STATE/processor.log" >&2; exit 1
+  fi
+  sleep 0.2
+done
+grep -q "pipeline started" "$STATE/processor.log" || { say "processor did not start in 20 s"; tail -20 "$STATE/processor.log" >&2; exit 1; }
+say "processor running (pid $PROCESSOR_PID, metrics http://$METRICS_ADDR/metrics, log $STATE/processor.log)"
+
+say "== 2. loadgen --count $COUNT --poison-rate $POISON_RATE =="
+START=$(date +%s.%N)
+LEDGER=$("$BIN/loadgen" --brokers "$BROKERS" --topic events --count "$COUNT" --rate "$RATE" --poison-rate "$POISON_RATE" | tail -1)
+say "ledger: $LEDGER"
+
+say "== 3. waiting for the processor to catch up =="
+set +e
+"$BIN/streamctl" report --brokers "$BROKERS" --group "$GROUP" --postgres-url "$POSTGRES_URL" \
+  --clickhouse-url "$CLICKHOUSE_URL" --wait-secs 600
+VERDICT=$?
+set -e
+END=$(date +%s.%N)
+awk -v n="$COUNT" -v s="$START" -v e="$END" 'BEGIN { printf "end to end: %d events in %.1f s (%.0f events/s, produce and process overlapping)\n", n, e - s, n / (e - s) }'
+printf 'ledger from loadgen: %s\n' "$LEDGER"
+exit "$VERDICT"
