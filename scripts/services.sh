@@ -90,18 +90,30 @@ pid_of() { # pidfile pattern
 # wait_healthy service deadline_s health_fn pidfile pattern logs...
 # Polls health_fn until it succeeds; fails early if the process died.
 wait_healthy() {
-    local svc="$1" deadline=$((SECONDS + $2)) check="$3" pidfile="$4" pattern="$5"
+    local svc="$1" timeout="$2" check="$3" pidfile="$4" pattern="$5"
+    local deadline=$((SECONDS + timeout))
     shift 5
     while ! "$check"; do
         if [[ -n "$pidfile" ]] && ! pid_of "$pidfile" "$pattern" >/dev/null; then
             fail_start "$svc" "$@"
         fi
         if ((SECONDS >= deadline)); then
-            log "ERROR: $svc: not healthy after $((SECONDS - deadline + $2))s"
+            log "ERROR: $svc: not healthy after ${timeout}s"
+            # don't leave a half-started process of ours behind
+            [[ -z "$pidfile" ]] || stop_pid "$svc" "$pidfile" "$pattern" 2>/dev/null
             fail_start "$svc" "$@"
         fi
         sleep 0.5
     done
+}
+
+# If our process runs but with other ports than now configured, stop it so
+# that it gets restarted with the current configuration.
+stop_if_reconfigured() { # service pidfile base_pattern full_pattern
+    if pid_of "$2" "$3" >/dev/null && ! pid_of "$2" "$4" >/dev/null; then
+        log "$1: running with a different configuration (ports), restarting"
+        stop_pid "$1" "$2" "$3"
+    fi
 }
 
 stop_pid() { # service pidfile pattern
@@ -229,22 +241,28 @@ install_moto() {
 
 KAFKA_PID="$STATE/tansu.pid"
 KAFKA_LOG="$STATE/tansu.log"
+# Debian's kcat (librdkafka 2.0.2) fails to parse Tansu's ApiVersions v3
+# response ("Read underflow"); skipping the ApiVersions handshake
+# (fallback 0.9.0) makes metadata listing (-L) work.
+KCAT_OPTS=(-X api.version.request=false -X broker.version.fallback=0.9.0)
 
 kafka_healthy() {
-    port_open "$KAFKA_PORT" && kcat -b "$HOST:$KAFKA_PORT" -L -m 3 >/dev/null 2>&1
+    port_open "$KAFKA_PORT" && kcat "${KCAT_OPTS[@]}" -b "$HOST:$KAFKA_PORT" -L -m 3 >/dev/null 2>&1
 }
 
 # "name partitions" per topic
 kafka_topics() {
-    kcat -b "$HOST:$KAFKA_PORT" -L -m 5 2>/dev/null |
+    kcat "${KCAT_OPTS[@]}" -b "$HOST:$KAFKA_PORT" -L -m 5 2>/dev/null |
         sed -n 's/^ *topic "\([^"]*\)" with \([0-9]*\) partitions.*/\1 \2/p'
 }
 
 kafka_up() {
     local pid tansu
+    local me="listener-url=tcp://$HOST:$KAFKA_PORT "
     tansu="$(tansu_bin)"
-    if pid="$(pid_of "$KAFKA_PID" tansu)"; then
-        wait_healthy kafka 60 kafka_healthy "$KAFKA_PID" tansu "$KAFKA_LOG"
+    stop_if_reconfigured kafka "$KAFKA_PID" tansu "$me"
+    if pid="$(pid_of "$KAFKA_PID" "$me")"; then
+        wait_healthy kafka 60 kafka_healthy "$KAFKA_PID" "$me" "$KAFKA_LOG"
         log "kafka: already running (pid $pid)"
     elif port_open "$KAFKA_PORT"; then
         kafka_healthy || die "kafka: port $HOST:$KAFKA_PORT is taken by something that is not a Kafka broker"
@@ -258,7 +276,7 @@ kafka_up() {
             --advertised-listener-url="tcp://$HOST:$KAFKA_PORT" \
             >>"$KAFKA_LOG" 2>&1 </dev/null &
         echo $! >"$KAFKA_PID"
-        wait_healthy kafka 60 kafka_healthy "$KAFKA_PID" tansu "$KAFKA_LOG"
+        wait_healthy kafka 60 kafka_healthy "$KAFKA_PID" "$me" "$KAFKA_LOG"
     fi
     kafka_topics_ensure "$tansu"
     log "kafka: up ($HOST:$KAFKA_PORT)"
@@ -338,9 +356,12 @@ pg_up() {
         as_root pg_conftool "$PG_VERSION" "$PG_CLUSTER" set port "$PG_PORT"
         changed=1
     fi
-    cur="$(pg_conftool -s "$PG_VERSION" "$PG_CLUSTER" show listen_addresses 2>/dev/null || true)"
-    if [[ "$cur" != "$HOST" ]]; then
-        as_root pg_conftool "$PG_VERSION" "$PG_CLUSTER" set listen_addresses "$HOST"
+    # (pg_conftool does not quote 127.0.0.1, so use a conf.d drop-in.)
+    local dropin="/etc/postgresql/$PG_VERSION/$PG_CLUSTER/conf.d/90-services-sh.conf"
+    local want="listen_addresses = '$HOST'  # written by scripts/services.sh"
+    if [[ "$(cat "$dropin" 2>/dev/null || true)" != "$want" ]]; then
+        as_root mkdir -p "$(dirname "$dropin")"
+        echo "$want" | as_root tee "$dropin" >/dev/null
         changed=1
     fi
 
@@ -406,8 +427,10 @@ ch_healthy() {
 
 ch_up() {
     local pid p
-    if pid="$(pid_of "$CH_PID" clickhouse-server)"; then
-        wait_healthy clickhouse 90 ch_healthy "$CH_PID" clickhouse-server "$CH_LOG" "$CH_ERRLOG"
+    local me="--http_port=$CLICKHOUSE_HTTP_PORT --tcp_port=$CLICKHOUSE_TCP_PORT --interserver_http_port=$CLICKHOUSE_INTERSERVER_PORT "
+    stop_if_reconfigured clickhouse "$CH_PID" clickhouse-server "$me"
+    if pid="$(pid_of "$CH_PID" "$me")"; then
+        wait_healthy clickhouse 90 ch_healthy "$CH_PID" "$me" "$CH_LOG" "$CH_ERRLOG"
         log "clickhouse: already running (pid $pid)"
     elif port_open "$CLICKHOUSE_HTTP_PORT"; then
         ch_healthy || die "clickhouse: port $HOST:$CLICKHOUSE_HTTP_PORT is taken by something that is not ClickHouse"
@@ -435,7 +458,7 @@ ch_up() {
             --logger.errorlog="$CH_ERRLOG" \
             >>"$CH_LOG" 2>&1 </dev/null) &
         echo $! >"$CH_PID"
-        wait_healthy clickhouse 90 ch_healthy "$CH_PID" clickhouse-server "$CH_LOG" "$CH_ERRLOG"
+        wait_healthy clickhouse 90 ch_healthy "$CH_PID" "$me" "$CH_LOG" "$CH_ERRLOG"
     fi
     curl -sf --max-time 10 --data-binary "CREATE DATABASE IF NOT EXISTS $CH_DB" \
         "http://$HOST:$CLICKHOUSE_HTTP_PORT/" >/dev/null ||
@@ -457,14 +480,20 @@ ch_status() {
 SQS_PIDF="$STATE/moto.pid"
 SQS_LOG="$STATE/moto.log"
 
+# moto routes unsigned requests to S3; a (fake) SigV4 header scoped to "sqs"
+# makes it answer as SQS (moto does not verify signatures).
+SQS_AUTH='Authorization: AWS4-HMAC-SHA256 Credential=test/20240101/us-east-1/sqs/aws4_request, SignedHeaders=host, Signature=0'
+
 sqs_healthy() {
-    curl -sf --max-time 3 "http://$HOST:$SQS_PORT/?Action=ListQueues" 2>/dev/null | grep -q ListQueues
+    curl -sf --max-time 3 -H "$SQS_AUTH" "http://$HOST:$SQS_PORT/?Action=ListQueues" 2>/dev/null |
+        grep -qE 'QueueUrls|ListQueuesResponse|^\{'
 }
 
 sqs_up() {
-    local pid
-    if pid="$(pid_of "$SQS_PIDF" moto_server)"; then
-        wait_healthy sqs 60 sqs_healthy "$SQS_PIDF" moto_server "$SQS_LOG"
+    local pid me="moto_server -H $HOST -p $SQS_PORT "
+    stop_if_reconfigured sqs "$SQS_PIDF" moto_server "$me"
+    if pid="$(pid_of "$SQS_PIDF" "$me")"; then
+        wait_healthy sqs 60 sqs_healthy "$SQS_PIDF" "$me" "$SQS_LOG"
         log "sqs: already running (pid $pid)"
     elif port_open "$SQS_PORT"; then
         sqs_healthy || die "sqs: port $HOST:$SQS_PORT is taken by something that is not an SQS server"
@@ -474,7 +503,7 @@ sqs_up() {
         log "sqs: starting moto_server..."
         nohup "$VENV/bin/moto_server" -H "$HOST" -p "$SQS_PORT" >>"$SQS_LOG" 2>&1 </dev/null &
         echo $! >"$SQS_PIDF"
-        wait_healthy sqs 60 sqs_healthy "$SQS_PIDF" moto_server "$SQS_LOG"
+        wait_healthy sqs 60 sqs_healthy "$SQS_PIDF" "$me" "$SQS_LOG"
     fi
     log "sqs: up (http://$HOST:$SQS_PORT)"
 }
@@ -490,15 +519,21 @@ sqs_status() {
 
 # ---------------------------------------------------------------- main
 
-lock() {
-    exec 9>"$STATE/.lock"
-    flock -w 1800 9 || die "another services.sh is running (lock $STATE/.lock)"
+# Serialise `up`/`down`: re-run this script under `flock -o`, so the lock is
+# held by flock itself and is NOT inherited by the daemons we start.
+with_lock() { # command
+    local rc=0
+    [[ -n "${SERVICES_SH_LOCKED:-}" ]] && return 0
+    mkdir -p "$STATE"
+    SERVICES_SH_LOCKED=1 flock -o -E 75 -w 1800 "$STATE/.lock" \
+        bash "${BASH_SOURCE[0]}" "$1" || rc=$?
+    ((rc != 75)) || die "another services.sh up/down is still running after 30 min (lock $STATE/.lock)"
+    exit "$rc"
 }
 
 cmd_up() {
     local start=$SECONDS
-    mkdir -p "$STATE"
-    lock
+    with_lock up
     install_missing
     kafka_up
     pg_up
@@ -508,8 +543,7 @@ cmd_up() {
 }
 
 cmd_down() {
-    mkdir -p "$STATE"
-    lock
+    with_lock down
     stop_pid sqs "$SQS_PIDF" moto_server
     stop_pid clickhouse "$CH_PID" clickhouse-server
     stop_pid kafka "$KAFKA_PID" tansu

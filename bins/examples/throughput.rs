@@ -17,9 +17,16 @@ use stream_supervisor::start_pipeline;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let count: u64 = std::env::args().nth(1).map(|text| text.parse()).transpose()?.unwrap_or(200_000);
+    let count: u64 = std::env::args()
+        .nth(1)
+        .map(|text| text.parse())
+        .transpose()?
+        .unwrap_or(200_000);
     let env = TestEnv::new("throughput", 6).await;
-    eprintln!("throughput: loading {count} events into {}", env.config.topic);
+    eprintln!(
+        "throughput: loading {count} events into {}",
+        env.config.topic
+    );
     let ledger = env.produce(count, 0.005, 2026).await;
 
     let started = Instant::now();
@@ -28,7 +35,11 @@ async fn main() -> anyhow::Result<()> {
     let pipeline_seconds = started.elapsed().as_secs_f64();
     pipeline.shutdown().await;
     let report = stream_bins::report::gather(&env.connections()).await?;
-    anyhow::ensure!(report.accounted_for(), "pipeline run did not account for every event:\n{}", report.render());
+    anyhow::ensure!(
+        report.accounted_for(),
+        "pipeline run did not account for every event:\n{}",
+        report.render()
+    );
 
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &env.config.brokers)
@@ -43,7 +54,10 @@ async fn main() -> anyhow::Result<()> {
     consumer.assign(&assignment)?;
     let mut read = 0u64;
     while read < ledger.sent {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "raw consume did not finish");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "raw consume did not finish"
+        );
         if let Some(message) = consumer.poll(Duration::from_millis(100)) {
             message?;
             read += 1;
@@ -57,6 +71,9 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|");
     println!("| pipeline end to end (exactly-once sinks, poison 0.005) | {} | {pipeline_seconds:.2} | {pipeline_rate:.0} |", ledger.sent);
     println!("| raw consume, no-op rdkafka consumer | {read} | {raw_seconds:.2} | {raw_rate:.0} |");
-    println!("| ratio pipeline / raw | | | {:.3} |", pipeline_rate / raw_rate);
+    println!(
+        "| ratio pipeline / raw | | | {:.3} |",
+        pipeline_rate / raw_rate
+    );
     Ok(())
 }

@@ -7,11 +7,11 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::config::ConnectionArgs;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use stream_actors::PipelineConfig;
-use crate::config::ConnectionArgs;
 
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 
@@ -186,8 +186,7 @@ impl TestEnv {
             let connections = connections.clone();
             async move {
                 let ends =
-                    crate::inspect::end_offsets(&connections.brokers, &connections.topic)
-                        .unwrap();
+                    crate::inspect::end_offsets(&connections.brokers, &connections.topic).unwrap();
                 let checkpoint = crate::inspect::checkpoint_offsets(
                     &connections.postgres_url,
                     &connections.group,
