@@ -33,6 +33,10 @@ pub struct PipelineConfig {
     pub commit_interval: Duration,
     /// Schema versions the parser accepts.
     pub accepted_schema_versions: Vec<u32>,
+    /// How many offsets before the checkpoint the consumer fetches from and
+    /// drops, to reach the start of the record batch holding the checkpoint
+    /// (needed on Tansu; 0 is right for Kafka and Redpanda). See `consumer`.
+    pub fetch_rewind: i64,
 }
 
 impl PipelineConfig {
@@ -53,6 +57,7 @@ impl PipelineConfig {
             mailbox_capacity: 8,
             commit_interval: Duration::from_millis(200),
             accepted_schema_versions: vec![1],
+            fetch_rewind: 10_000,
         }
     }
 }

@@ -5,15 +5,27 @@
 //! it handed out (`Track`) before it hands it out.
 //!
 //! On every partition assignment the [`CheckpointingContext`] loads the
-//! persisted checkpoint and assigns each partition at its checkpointed offset,
+//! persisted checkpoint and resumes each partition at its checkpointed offset,
 //! so a restart (of this actor or of the process) resumes exactly where the
-//! committer left off. When the parser's mailbox is full, `send` waits and the
+//! committer left off. A partition without a checkpoint starts at the
+//! beginning (Kafka's committed offsets are never trusted over the
+//! checkpoint); a checkpoint that cannot be read fails the actor rather than
+//! guess.
+//!
+//! Broker workaround: Tansu 0.6 answers a fetch from an offset inside a record
+//! batch with the batches that start after it, silently skipping the rest of
+//! that batch. So the partition is assigned `fetch_rewind` offsets before the
+//! checkpoint (far enough back to reach the start of the batch that holds it)
+//! and records below the checkpoint are dropped here, before anyone sees them.
+//! On Kafka or Redpanda the rewind only costs a few re-read records; set it to
+//! 0 there. When the parser's mailbox is full, `send` waits and the
 //! consumer stops polling: librdkafka's prefetch queue fills and fetching
 //! stops, so a burst becomes lag, not memory.
 //!
 //! If it fails (the broker gone for good), its supervisor decides; records it
 //! read but did not commit are read again after a restart.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +58,8 @@ pub enum RebalanceNotice {
     Assigned(Vec<(i32, Option<i64>)>),
     /// These partitions were taken away.
     Revoked(Vec<i32>),
+    /// The checkpoint could not be read, so nothing was assigned.
+    CheckpointUnavailable(String),
 }
 
 /// The consumer's librdkafka context: assigns partitions at their checkpoint.
@@ -60,6 +74,10 @@ pub struct CheckpointingContext {
     runtime: tokio::runtime::Handle,
     /// Assignment changes not yet seen by the consumer actor.
     notices: Mutex<Vec<RebalanceNotice>>,
+    /// How far before the checkpoint to fetch from (see the module doc).
+    fetch_rewind: i64,
+    /// Per assigned partition, the checkpoint: records below it are dropped.
+    floors: Mutex<HashMap<i32, i64>>,
 }
 
 impl CheckpointingContext {
@@ -73,6 +91,16 @@ impl CheckpointingContext {
         )
     }
 
+    /// Whether a record at this position is below its partition's checkpoint
+    /// (fetched only because of the rewind) and must be dropped.
+    pub fn below_checkpoint(&self, partition: i32, offset: i64) -> bool {
+        self.floors
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .get(&partition)
+            .is_some_and(|floor| offset < *floor)
+    }
+
     fn push_notice(&self, notice: RebalanceNotice) {
         self.notices
             .lock()
@@ -82,7 +110,7 @@ impl CheckpointingContext {
 
     /// Reads the checkpoint from a thread of its own: the rebalance callback
     /// runs inside librdkafka's poll, which may itself be on a runtime thread.
-    fn load_checkpoint(&self) -> Result<std::collections::HashMap<i32, i64>, PipelineError> {
+    fn load_checkpoint(&self) -> Result<HashMap<i32, i64>, PipelineError> {
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
@@ -114,10 +142,9 @@ impl ConsumerContext for CheckpointingContext {
                 let checkpoint = match self.load_checkpoint() {
                     Ok(checkpoint) => checkpoint,
                     Err(load_error) => {
-                        // Kafka's committed offsets are never ahead of the
-                        // checkpoint, so falling back to them only replays.
-                        error!(%load_error, "cannot load checkpoint, falling back to kafka committed offsets");
-                        Default::default()
+                        error!(%load_error, "cannot load checkpoint; assigning nothing");
+                        self.push_notice(RebalanceNotice::CheckpointUnavailable(load_error.to_string()));
+                        return;
                     }
                 };
                 let mut assigned = Vec::new();
@@ -125,17 +152,21 @@ impl ConsumerContext for CheckpointingContext {
                     let partition = element.partition();
                     assigned.push((partition, checkpoint.get(&partition).copied()));
                 }
+                let mut floors = self.floors.lock().unwrap_or_else(|poison| poison.into_inner());
                 for (partition, next) in &assigned {
-                    if let Some(next_offset) = next {
-                        if let Err(set_error) = tpl.set_partition_offset(
-                            &self.topic,
-                            *partition,
-                            Offset::Offset(*next_offset),
-                        ) {
-                            error!(%set_error, partition, "cannot set checkpoint offset");
-                        }
+                    let (start, floor) = match next {
+                        Some(next_offset) => (
+                            Offset::Offset((next_offset - self.fetch_rewind).max(0)),
+                            *next_offset,
+                        ),
+                        None => (Offset::Beginning, 0),
+                    };
+                    floors.insert(*partition, floor);
+                    if let Err(set_error) = tpl.set_partition_offset(&self.topic, *partition, start) {
+                        error!(%set_error, partition, "cannot set start offset");
                     }
                 }
+                drop(floors);
                 info!(?assigned, "partitions assigned at checkpoint");
                 if let Err(assign_error) = base_consumer.assign(tpl) {
                     error!(%assign_error, "assign failed");
@@ -174,6 +205,8 @@ pub fn create_consumer(
         store,
         runtime: tokio::runtime::Handle::current(),
         notices: Mutex::new(Vec::new()),
+        fetch_rewind: config.fetch_rewind,
+        floors: Mutex::new(HashMap::new()),
     };
     let consumer: BaseConsumer<CheckpointingContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
@@ -292,14 +325,19 @@ fn poll_batch(
     while records.len() < batch_size {
         match consumer.poll(wait) {
             None => break,
-            Some(Ok(message)) => records.push(RawRecord {
-                position: SourcePosition {
-                    partition: message.partition(),
-                    offset: message.offset(),
-                },
-                key: message.key().map(<[u8]>::to_vec),
-                payload: message.payload().map(<[u8]>::to_vec),
-            }),
+            Some(Ok(message)) => {
+                if consumer.context().below_checkpoint(message.partition(), message.offset()) {
+                    continue;
+                }
+                records.push(RawRecord {
+                    position: SourcePosition {
+                        partition: message.partition(),
+                        offset: message.offset(),
+                    },
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().map(<[u8]>::to_vec),
+                });
+            }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(poll_error)) => {
                 // Broker and transport errors are retried by librdkafka; report and carry on.

@@ -151,6 +151,11 @@ pub struct ProcessorConfig {
         value_delimiter = ','
     )]
     pub accepted_schema_versions: Vec<String>,
+    /// Offsets before the checkpoint to fetch from and drop on assignment:
+    /// reaches the start of the record batch holding the checkpoint, which
+    /// Tansu needs (0..=1000000; 0 is right for Kafka and Redpanda).
+    #[arg(long, env = "FETCH_REWIND", default_value_t = 10_000)]
+    pub fetch_rewind: i64,
     /// Address of the Prometheus `/metrics` endpoint; empty to disable.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: String,
@@ -196,6 +201,13 @@ impl ProcessorConfig {
                 format!("must be 10..=60000, got {}", self.commit_interval_ms),
             ));
         }
+        if !(0..=1_000_000).contains(&self.fetch_rewind) {
+            return Err(invalid(
+                "--fetch-rewind",
+                "FETCH_REWIND",
+                format!("must be 0..=1000000, got {}", self.fetch_rewind),
+            ));
+        }
         let mut accepted_schema_versions = Vec::new();
         for text in &self.accepted_schema_versions {
             let version = text.trim().parse::<u32>().map_err(|_| {
@@ -227,6 +239,7 @@ impl ProcessorConfig {
             mailbox_capacity: self.mailbox_capacity,
             commit_interval: Duration::from_millis(self.commit_interval_ms),
             accepted_schema_versions,
+            fetch_rewind: self.fetch_rewind,
             ..self.connections.pipeline_config()
         };
         Ok((config, metrics_addr))

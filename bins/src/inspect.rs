@@ -51,15 +51,54 @@ pub fn partitions(brokers: &str, topic: &str) -> anyhow::Result<Vec<i32>> {
     Ok(partitions)
 }
 
-/// Per partition, the high watermark (the offset the next record will get).
+/// Per partition, the end offset: the offset the next record will get.
+///
+/// Not simply the broker's ListOffsets answer: Tansu 0.6 answers "latest"
+/// with the base offset of the last record batch plus one, which is short of
+/// the end whenever that batch holds more than one record. So this reads the
+/// tail: from one before the listed offset (on Tansu, the last batch's base;
+/// on Kafka, the last record) up to the fetch high watermark, which both
+/// brokers report correctly, and takes the offset after the last record seen.
 pub fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let consumer = plain_consumer(brokers)?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "streamctl-inspect")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .with_context(|| format!("cannot create a kafka client for {brokers}"))?;
     let mut ends = BTreeMap::new();
+    let mut tail = TopicPartitionList::new();
     for partition in partitions(brokers, topic)? {
-        let (_, high) = consumer
+        let (_, listed) = consumer
             .fetch_watermarks(topic, partition, KAFKA_TIMEOUT)
             .with_context(|| format!("cannot read end offset of {topic}/{partition}"))?;
-        ends.insert(partition, high);
+        ends.insert(partition, listed);
+        if listed > 0 {
+            tail.add_partition_offset(topic, partition, Offset::Offset(listed - 1))?;
+        }
+    }
+    if tail.count() == 0 {
+        return Ok(ends);
+    }
+    let mut waiting: std::collections::BTreeSet<i32> = tail.elements().iter().map(|element| element.partition()).collect();
+    consumer.assign(&tail).context("cannot assign partitions")?;
+    let started = Instant::now();
+    while !waiting.is_empty() {
+        if started.elapsed() > KAFKA_TIMEOUT {
+            bail!("reading the tail of {topic} did not reach the end within {KAFKA_TIMEOUT:?}; partitions {waiting:?}");
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(message)) => {
+                let end = ends.entry(message.partition()).or_insert(0);
+                *end = (*end).max(message.offset() + 1);
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
+                waiting.remove(&partition);
+            }
+            Some(Err(error)) => return Err(error).with_context(|| format!("error reading the tail of {topic}")),
+        }
     }
     Ok(ends)
 }
