@@ -396,9 +396,25 @@ fn startup_message(spawn_error: &ractor::SpawnErr) -> String {
             // A child's start failure arrives wrapped in the supervisor's.
             match inner.downcast_ref::<ractor::SpawnErr>() {
                 Some(child_error) => startup_message(child_error),
-                None => inner.to_string(),
+                None => error_chain(inner.as_ref()),
             }
         }
         other => other.to_string(),
     }
+}
+
+/// An error and its causes, joined with ": ", skipping causes the message
+/// already repeats.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let text = inner.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = inner.source();
+    }
+    message
 }
