@@ -128,7 +128,22 @@ impl CheckpointingContext {
     }
 }
 
-impl ClientContext for CheckpointingContext {}
+impl ClientContext for CheckpointingContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): publishes the
+    /// consumer lag per partition, end offset minus committed offset.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        for (partition, partition_statistics) in &topic.partitions {
+            if *partition < 0 || partition_statistics.consumer_lag < 0 {
+                continue;
+            }
+            metrics::gauge!(names::CONSUMER_LAG, "partition" => partition.to_string())
+                .set(partition_statistics.consumer_lag as f64);
+        }
+    }
+}
 
 impl ConsumerContext for CheckpointingContext {
     fn rebalance(
@@ -143,7 +158,9 @@ impl ConsumerContext for CheckpointingContext {
                     Ok(checkpoint) => checkpoint,
                     Err(load_error) => {
                         error!(%load_error, "cannot load checkpoint; assigning nothing");
-                        self.push_notice(RebalanceNotice::CheckpointUnavailable(load_error.to_string()));
+                        self.push_notice(RebalanceNotice::CheckpointUnavailable(
+                            load_error.to_string(),
+                        ));
                         return;
                     }
                 };
@@ -152,7 +169,10 @@ impl ConsumerContext for CheckpointingContext {
                     let partition = element.partition();
                     assigned.push((partition, checkpoint.get(&partition).copied()));
                 }
-                let mut floors = self.floors.lock().unwrap_or_else(|poison| poison.into_inner());
+                let mut floors = self
+                    .floors
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner());
                 for (partition, next) in &assigned {
                     let (start, floor) = match next {
                         Some(next_offset) => (
@@ -162,7 +182,8 @@ impl ConsumerContext for CheckpointingContext {
                         None => (Offset::Beginning, 0),
                     };
                     floors.insert(*partition, floor);
-                    if let Err(set_error) = tpl.set_partition_offset(&self.topic, *partition, start) {
+                    if let Err(set_error) = tpl.set_partition_offset(&self.topic, *partition, start)
+                    {
                         error!(%set_error, partition, "cannot set start offset");
                     }
                 }
@@ -217,6 +238,7 @@ pub fn create_consumer(
         .set("enable.partition.eof", "false")
         .set("session.timeout.ms", "10000")
         .set("queued.max.messages.kbytes", "16384")
+        .set("statistics.interval.ms", "1000")
         .create_with_context(context)
         .map_err(PipelineError::kafka("create consumer"))?;
     Ok(Arc::new(consumer))
@@ -326,7 +348,10 @@ fn poll_batch(
         match consumer.poll(wait) {
             None => break,
             Some(Ok(message)) => {
-                if consumer.context().below_checkpoint(message.partition(), message.offset()) {
+                if consumer
+                    .context()
+                    .below_checkpoint(message.partition(), message.offset())
+                {
                     continue;
                 }
                 records.push(RawRecord {

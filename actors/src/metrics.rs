@@ -25,3 +25,5 @@ pub const CHECKPOINT_OFFSET: &str = "stream_checkpoint_offset";
 pub const CHECKPOINTS_PERSISTED: &str = "stream_checkpoints_persisted_total";
 /// Records consumed but not yet acknowledged by the sink or the DLQ (gauge).
 pub const IN_FLIGHT: &str = "stream_in_flight_records";
+/// Records behind the end of the partition: end offset minus committed offset (gauge, label `partition`).
+pub const CONSUMER_LAG: &str = "stream_consumer_lag";

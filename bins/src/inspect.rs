@@ -81,7 +81,11 @@ pub fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i
     if tail.count() == 0 {
         return Ok(ends);
     }
-    let mut waiting: std::collections::BTreeSet<i32> = tail.elements().iter().map(|element| element.partition()).collect();
+    let mut waiting: std::collections::BTreeSet<i32> = tail
+        .elements()
+        .iter()
+        .map(|element| element.partition())
+        .collect();
     consumer.assign(&tail).context("cannot assign partitions")?;
     let started = Instant::now();
     while !waiting.is_empty() {
@@ -97,7 +101,9 @@ pub fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
                 waiting.remove(&partition);
             }
-            Some(Err(error)) => return Err(error).with_context(|| format!("error reading the tail of {topic}")),
+            Some(Err(error)) => {
+                return Err(error).with_context(|| format!("error reading the tail of {topic}"))
+            }
         }
     }
     Ok(ends)
