@@ -336,6 +336,21 @@ impl Actor for ConsumerActor {
     }
 }
 
+/// The `dlq.replay.count` header of a record replayed from the dead-letter topic.
+fn replay_count(message: &rdkafka::message::BorrowedMessage<'_>) -> u32 {
+    use rdkafka::message::Headers;
+    let Some(headers) = message.headers() else {
+        return 0;
+    };
+    headers
+        .iter()
+        .find(|header| header.key == crate::dlq_writer::REPLAY_COUNT_HEADER)
+        .and_then(|header| header.value)
+        .and_then(|value| std::str::from_utf8(value).ok())
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Reads up to `batch_size` records: waits up to [`POLL_WAIT`] for the first,
 /// then takes what is already fetched without waiting.
 fn poll_batch(
@@ -361,6 +376,7 @@ fn poll_batch(
                     },
                     key: message.key().map(<[u8]>::to_vec),
                     payload: message.payload().map(<[u8]>::to_vec),
+                    replay_count: replay_count(&message),
                 });
             }
             Some(Err(KafkaError::PartitionEOF(_))) => {}

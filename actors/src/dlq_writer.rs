@@ -27,7 +27,7 @@ use crate::metrics as names;
 use crate::models::{AckSource, PoisonRecord};
 
 /// Header names, in the order they are written.
-pub const DLQ_HEADERS: [&str; 7] = [
+pub const DLQ_HEADERS: [&str; 8] = [
     "dlq.error.type",
     "dlq.error.message",
     "dlq.source.topic",
@@ -35,7 +35,13 @@ pub const DLQ_HEADERS: [&str; 7] = [
     "dlq.source.offset",
     "dlq.stage",
     "dlq.failed_at",
+    REPLAY_COUNT_HEADER,
 ];
+
+/// How many times the record was replayed before it failed again: `streamctl
+/// dlq replay` sets it on what it re-publishes, the consumer reads it, and the
+/// DLQ writer carries it here, so a replay tool can refuse to loop.
+pub const REPLAY_COUNT_HEADER: &str = "dlq.replay.count";
 
 /// The first retry waits this long; each next one twice as long.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -95,7 +101,8 @@ impl DlqWriterState {
         let deliveries = records.iter().map(|record| {
             let partition = record.raw.position.partition.to_string();
             let offset = record.raw.position.offset.to_string();
-            let values: [&str; 7] = [
+            let replay_count = record.raw.replay_count.to_string();
+            let values: [&str; 8] = [
                 record.kind.label(),
                 &record.message,
                 &self.args.source_topic,
@@ -103,6 +110,7 @@ impl DlqWriterState {
                 &offset,
                 record.stage,
                 &failed_at,
+                &replay_count,
             ];
             let mut headers = OwnedHeaders::new_with_capacity(DLQ_HEADERS.len());
             for (key, value) in DLQ_HEADERS.iter().zip(values) {
@@ -152,6 +160,10 @@ impl Actor for DlqWriterActor {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        // Export every error type at 0, so rates and the SLI exist before the first dead letter.
+        for kind in crate::parse::PoisonKind::ALL {
+            metrics::counter!(names::DLQ_MESSAGES, "error_type" => kind.label()).increment(0);
+        }
         Ok(DlqWriterState { args })
     }
 

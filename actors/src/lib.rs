@@ -13,6 +13,8 @@
 //! - [`models`]: the data that travels between actors.
 //! - [`storage`]: the PostgreSQL and ClickHouse tables and the checkpoint table.
 //! - [`consumer`], [`parser`], [`sink`], [`dlq_writer`], [`committer`]: one actor each.
+//! - [`sqs`], [`sqs_consumer`], [`order`]: the SQS side: queue plumbing, the
+//!   consumer actor whose poison the broker redrives, and the order parser.
 //! - [`config`], [`error`], [`metrics`]: configuration, the error type, metric names.
 
 pub mod committer;
@@ -23,9 +25,12 @@ pub mod error;
 pub mod mailbox;
 pub mod metrics;
 pub mod models;
+pub mod order;
 pub mod parse;
 pub mod parser;
 pub mod sink;
+pub mod sqs;
+pub mod sqs_consumer;
 pub mod storage;
 
 pub use config::PipelineConfig;

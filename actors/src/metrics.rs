@@ -27,3 +27,13 @@ pub const CHECKPOINTS_PERSISTED: &str = "stream_checkpoints_persisted_total";
 pub const IN_FLIGHT: &str = "stream_in_flight_records";
 /// Records behind the end of the partition: end offset minus committed offset (gauge, label `partition`).
 pub const CONSUMER_LAG: &str = "stream_consumer_lag";
+/// SQS messages received; a redelivery counts again (counter).
+pub const SQS_RECEIVED: &str = "sqs_messages_received_total";
+/// SQS orders stored and their messages deleted (counter).
+pub const SQS_PROCESSED: &str = "sqs_messages_processed_total";
+/// SQS receives whose processing failed; the message was left for redelivery (counter).
+pub const SQS_FAILED_RECEIVES: &str = "sqs_receive_failures_total";
+/// SQS messages deleted (counter).
+pub const SQS_DELETED: &str = "sqs_messages_deleted_total";
+/// Messages the broker moved to the dead-letter queue: its ApproximateNumberOfMessages (gauge, label `queue`).
+pub const SQS_REDRIVEN: &str = "sqs_messages_redriven";

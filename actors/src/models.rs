@@ -23,6 +23,9 @@ pub struct RawRecord {
     pub key: Option<Vec<u8>>,
     /// The record value, kept unchanged so a dead letter carries the original bytes.
     pub payload: Option<Vec<u8>>,
+    /// How many times this record was replayed from the dead-letter topic
+    /// (its `dlq.replay.count` header; 0 for an original record).
+    pub replay_count: u32,
 }
 
 /// A record the parser accepted, ready for the sinks.

@@ -142,6 +142,7 @@ impl Actor for SinkActor {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        metrics::counter!(names::EVENTS_PROCESSED).increment(0);
         let postgres = PostgresEvents::connect(&args.config.postgres_url).await?;
         let clickhouse = ClickHouseEvents::connect(&args.config).await?;
         Ok(SinkState {

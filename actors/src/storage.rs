@@ -205,6 +205,63 @@ impl ClickHouseEvents {
     }
 }
 
+/// The SQS consumer's store: the PostgreSQL `orders` table.
+pub struct PostgresOrders {
+    /// A dedicated connection.
+    client: Client,
+}
+
+impl PostgresOrders {
+    /// Connects and creates the table if it is missing.
+    pub async fn connect(url: &str) -> Result<PostgresOrders, PipelineError> {
+        let client = connect_postgres(url).await?;
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS orders (
+                    order_id UUID PRIMARY KEY,
+                    customer_id TEXT NOT NULL,
+                    amount DOUBLE PRECISION NOT NULL,
+                    currency TEXT NOT NULL,
+                    sqs_message_id TEXT NOT NULL,
+                    stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                )",
+            )
+            .await
+            .map_err(PipelineError::postgres("create table orders"))?;
+        Ok(PostgresOrders { client })
+    }
+
+    /// Stores an order; a second store of the same `order_id` changes nothing.
+    /// Returns whether the row is new.
+    pub async fn store(
+        &self,
+        order: &crate::order::Order,
+        message_id: &str,
+    ) -> Result<bool, PipelineError> {
+        let inserted = self
+            .client
+            .execute(
+                "INSERT INTO orders (order_id, customer_id, amount, currency, sqs_message_id)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (order_id) DO NOTHING",
+                &[
+                    &order.order_id,
+                    &order.customer_id,
+                    &order.amount,
+                    &order.currency,
+                    &message_id,
+                ],
+            )
+            .await
+            .map_err(PipelineError::postgres("insert order"))?;
+        Ok(inserted == 1)
+    }
+
+    /// Whether the connection has closed (the store must reconnect).
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
+
 /// The persisted checkpoint: per partition, the next offset to read.
 pub struct CheckpointStore {
     /// A dedicated connection.

@@ -121,6 +121,183 @@ impl ConnectionArgs {
     }
 }
 
+/// Where the SQS API is and which queues to use: shared by `sqs-consumer`,
+/// `streamctl sqs` and the demo.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SqsArgs {
+    /// SQS endpoint URL (moto locally, ElasticMQ in Kubernetes).
+    #[arg(long, env = "SQS_ENDPOINT", default_value = "http://127.0.0.1:4566")]
+    pub sqs_endpoint: String,
+    /// SQS region.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub sqs_region: String,
+    /// SQS access key id.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", default_value = "test")]
+    pub sqs_access_key_id: String,
+    /// SQS secret access key.
+    #[arg(
+        long,
+        env = "AWS_SECRET_ACCESS_KEY",
+        default_value = "test",
+        hide_env_values = true
+    )]
+    pub sqs_secret_access_key: String,
+    /// The orders queue.
+    #[arg(long, env = "SQS_QUEUE", default_value = "orders")]
+    pub queue: String,
+    /// Its dead-letter queue.
+    #[arg(long, env = "SQS_DLQ", default_value = "orders-dlq")]
+    pub dlq: String,
+}
+
+impl SqsArgs {
+    /// Checks the settings and builds the client settings.
+    pub fn validate(&self) -> Result<stream_actors::sqs::SqsSettings, ConfigError> {
+        if !(self.sqs_endpoint.starts_with("http://") || self.sqs_endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "--sqs-endpoint",
+                "SQS_ENDPOINT",
+                format!(
+                    "must start with http:// or https://, got {:?}",
+                    self.sqs_endpoint
+                ),
+            ));
+        }
+        for (value, flag, env) in [
+            (&self.queue, "--queue", "SQS_QUEUE"),
+            (&self.dlq, "--dlq", "SQS_DLQ"),
+            (&self.sqs_region, "--sqs-region", "AWS_REGION"),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(flag, env, "must not be empty"));
+            }
+        }
+        if self.queue == self.dlq {
+            return Err(invalid("--dlq", "SQS_DLQ", "must differ from --queue"));
+        }
+        Ok(stream_actors::sqs::SqsSettings {
+            endpoint: self.sqs_endpoint.clone(),
+            region: self.sqs_region.clone(),
+            access_key_id: self.sqs_access_key_id.clone(),
+            secret_access_key: self.sqs_secret_access_key.clone(),
+        })
+    }
+}
+
+/// Stores orders from an SQS queue in PostgreSQL; the broker redrives the
+/// poison to the dead-letter queue after `maxReceiveCount` failed receives.
+///
+/// Every flag can also be set through the environment variable shown.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sqs-consumer", version, about, long_about = None)]
+pub struct SqsConsumerConfig {
+    /// Endpoint, credentials, queues.
+    #[command(flatten)]
+    pub sqs: SqsArgs,
+    /// PostgreSQL URL: the `orders` table lives there.
+    #[arg(
+        long,
+        env = "POSTGRES_URL",
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/pipeline"
+    )]
+    pub postgres_url: String,
+    /// Messages processed at once (1..=100).
+    #[arg(long, env = "SQS_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: usize,
+    /// Long-poll wait per receive, seconds (0..=20).
+    #[arg(long, env = "SQS_WAIT_SECS", default_value_t = 5)]
+    pub wait_secs: i32,
+    /// Visibility timeout, renewed while an order is being stored, seconds (1..=43200).
+    #[arg(long, env = "SQS_VISIBILITY_TIMEOUT_SECS", default_value_t = 30)]
+    pub visibility_timeout_secs: i32,
+    /// Seconds before a failed message is visible again (0..=43200).
+    #[arg(long, env = "SQS_RETRY_DELAY_SECS", default_value_t = 1)]
+    pub retry_delay_secs: i32,
+    /// Address of the Prometheus `/metrics` endpoint; empty to disable.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9466")]
+    pub metrics_addr: String,
+}
+
+impl SqsConsumerConfig {
+    /// Checks every value and builds the actor's arguments.
+    pub fn validate(
+        &self,
+    ) -> Result<
+        (
+            stream_actors::sqs_consumer::SqsConsumerArgs,
+            Option<SocketAddr>,
+        ),
+        ConfigError,
+    > {
+        let settings = self.sqs.validate()?;
+        tokio_postgres::Config::from_str(&self.postgres_url).map_err(|error| {
+            invalid(
+                "--postgres-url",
+                "POSTGRES_URL",
+                format!("not a PostgreSQL URL: {error}"),
+            )
+        })?;
+        if !(1..=100).contains(&self.concurrency) {
+            return Err(invalid(
+                "--concurrency",
+                "SQS_CONCURRENCY",
+                format!("must be 1..=100, got {}", self.concurrency),
+            ));
+        }
+        if !(0..=20).contains(&self.wait_secs) {
+            return Err(invalid(
+                "--wait-secs",
+                "SQS_WAIT_SECS",
+                format!("must be 0..=20, got {}", self.wait_secs),
+            ));
+        }
+        if !(1..=43_200).contains(&self.visibility_timeout_secs) {
+            return Err(invalid(
+                "--visibility-timeout-secs",
+                "SQS_VISIBILITY_TIMEOUT_SECS",
+                format!("must be 1..=43200, got {}", self.visibility_timeout_secs),
+            ));
+        }
+        if !(0..=43_200).contains(&self.retry_delay_secs) {
+            return Err(invalid(
+                "--retry-delay-secs",
+                "SQS_RETRY_DELAY_SECS",
+                format!("must be 0..=43200, got {}", self.retry_delay_secs),
+            ));
+        }
+        let metrics_addr = parse_metrics_addr(&self.metrics_addr)?;
+        Ok((
+            stream_actors::sqs_consumer::SqsConsumerArgs {
+                settings,
+                queue: self.sqs.queue.clone(),
+                dlq: self.sqs.dlq.clone(),
+                postgres_url: self.postgres_url.clone(),
+                concurrency: self.concurrency,
+                wait_time_seconds: self.wait_secs,
+                visibility_timeout_seconds: self.visibility_timeout_secs,
+                retry_delay_seconds: self.retry_delay_secs,
+                delete_gate: None,
+            },
+            metrics_addr,
+        ))
+    }
+}
+
+/// Parses `--metrics-addr`: empty disables the endpoint.
+pub fn parse_metrics_addr(text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    text.parse::<SocketAddr>().map(Some).map_err(|_| {
+        invalid(
+            "--metrics-addr",
+            "METRICS_ADDR",
+            format!("{text:?} is not an address like 127.0.0.1:9464"),
+        )
+    })
+}
+
 /// Moves events from Kafka into PostgreSQL and ClickHouse; dead-letters poison.
 ///
 /// Every flag can also be set through the environment variable shown.
@@ -219,20 +396,7 @@ impl ProcessorConfig {
             })?;
             accepted_schema_versions.push(version);
         }
-        let metrics_addr = if self.metrics_addr.trim().is_empty() {
-            None
-        } else {
-            Some(self.metrics_addr.parse::<SocketAddr>().map_err(|_| {
-                invalid(
-                    "--metrics-addr",
-                    "METRICS_ADDR",
-                    format!(
-                        "{:?} is not an address like 127.0.0.1:9464",
-                        self.metrics_addr
-                    ),
-                )
-            })?)
-        };
+        let metrics_addr = parse_metrics_addr(&self.metrics_addr)?;
         let config = PipelineConfig {
             batch_size: self.batch_size,
             linger: Duration::from_millis(self.linger_ms),

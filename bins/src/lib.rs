@@ -4,13 +4,17 @@
 //! - [`processor`]: runs the pipeline until a signal or a failure.
 //! - [`inspect`]: independent reads of topics, stores and checkpoints.
 //! - [`report`]: `streamctl report`, the demo's summary.
+//! - [`sqs_consumer`]: runs the SQS consumer actor under its supervisor.
+//! - [`dlq`]: `streamctl dlq stats|show|replay`.
 //! - [`scratch`]: private topics and databases for tests and measurements.
 
 pub mod config;
+pub mod dlq;
 pub mod inspect;
 pub mod processor;
 pub mod report;
 pub mod scratch;
+pub mod sqs_consumer;
 
 /// Sets up `tracing` to stderr; `RUST_LOG` overrides the default level.
 pub fn init_tracing() {

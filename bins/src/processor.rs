@@ -13,6 +13,10 @@ use tracing::{error, info};
 pub fn install_metrics(address: SocketAddr) -> anyhow::Result<()> {
     PrometheusBuilder::new()
         .with_http_listener(address)
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ])
+        .map_err(|error| anyhow::anyhow!("histogram buckets: {error}"))?
         .install()
         .map_err(|error| {
             anyhow::anyhow!("cannot serve metrics on --metrics-addr {address}: {error}")

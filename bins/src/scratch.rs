@@ -100,6 +100,21 @@ where
     }
 }
 
+/// Creates a PostgreSQL database; returns its URL.
+pub async fn create_postgres_database(name: &str) -> String {
+    let admin = stream_actors::storage::connect_postgres(&postgres_admin_url())
+        .await
+        .expect("postgres admin connection");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create postgres database");
+    postgres_admin_url()
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/{name}"))
+        .unwrap()
+}
+
 /// One test's private corner of the services.
 pub struct TestEnv {
     /// The pipeline configuration pointing at this corner.
@@ -116,17 +131,7 @@ impl TestEnv {
         create_topic(&topic, partitions).await;
         create_topic(&dlq_topic, 3).await;
 
-        let admin = stream_actors::storage::connect_postgres(&postgres_admin_url())
-            .await
-            .expect("postgres admin connection");
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create postgres database");
-        let postgres_url = postgres_admin_url()
-            .rsplit_once('/')
-            .map(|(base, _)| format!("{base}/{name}"))
-            .unwrap();
+        let postgres_url = create_postgres_database(&name).await;
 
         let clickhouse = clickhouse::Client::default().with_url(clickhouse_url());
         clickhouse

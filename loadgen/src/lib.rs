@@ -4,6 +4,7 @@
 //! - [`generate_record`]: one record, valid or poison, from a seeded RNG.
 //! - [`ProducerActor`]: produces its share of the records at its share of the rate.
 //! - [`run`]: spawns the producers, prints progress, returns the [`Ledger`].
+//! - [`sqs`]: `loadgen sqs`, orders to an SQS queue.
 //!
 //! The ledger counts only records the broker confirmed; the producer is
 //! idempotent, so a retried send is not stored twice by the broker.
@@ -14,6 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+pub mod sqs;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;

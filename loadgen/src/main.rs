@@ -1,14 +1,22 @@
-//! `loadgen`: sends valid events and a fraction of poison to Kafka, then
-//! prints the ledger as the last line on stdout.
+//! `loadgen`: sends valid events and a fraction of poison to Kafka (or orders
+//! to SQS with `loadgen sqs`), then prints the ledger as the last stdout line.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use loadgen::LoadgenConfig;
 
 /// Send events (and poison) to Kafka; the last stdout line is a JSON ledger:
 /// {"sent","valid","poison","poison_by_kind","elapsed_s","rate"}.
+/// `loadgen sqs` sends orders to an SQS queue instead.
 #[derive(Debug, Parser)]
-#[command(name = "loadgen", version, about)]
+#[command(
+    name = "loadgen",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Flags {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
@@ -32,6 +40,75 @@ struct Flags {
     producers: usize,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send orders (and a fraction of poison) to an SQS queue; the last stdout
+    /// line is a JSON ledger {"sent","valid","poison","elapsed_s","rate"}.
+    Sqs {
+        /// SQS endpoint URL.
+        #[arg(long, env = "SQS_ENDPOINT", default_value = "http://127.0.0.1:4566")]
+        sqs_endpoint: String,
+        /// SQS region.
+        #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+        sqs_region: String,
+        /// The queue (must exist: `streamctl sqs setup`).
+        #[arg(long, env = "SQS_QUEUE", default_value = "orders")]
+        queue: String,
+        /// Orders to send.
+        #[arg(long, default_value_t = 100)]
+        count: u64,
+        /// Fraction of poison orders (0..=1).
+        #[arg(long, default_value_t = 0.05)]
+        poison_rate: f64,
+        /// RNG seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+async fn run_sqs(command: Command) -> i32 {
+    let Command::Sqs {
+        sqs_endpoint,
+        sqs_region,
+        queue,
+        count,
+        poison_rate,
+        seed,
+    } = command;
+    if !(0.0..=1.0).contains(&poison_rate) {
+        eprintln!("error: invalid setting --poison-rate: must be within 0..=1, got {poison_rate}");
+        return 2;
+    }
+    if count == 0 {
+        eprintln!("error: invalid setting --count: must be at least 1");
+        return 2;
+    }
+    let settings = stream_actors::sqs::SqsSettings {
+        endpoint: sqs_endpoint,
+        region: sqs_region,
+        access_key_id: std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_else(|_| "test".to_string()),
+        secret_access_key: std::env::var("AWS_SECRET_ACCESS_KEY")
+            .unwrap_or_else(|_| "test".to_string()),
+    };
+    match loadgen::sqs::run(&settings, &queue, count, poison_rate, seed).await {
+        Ok(ledger) => {
+            eprintln!(
+                "loadgen: done: {} orders sent ({} valid, {} poison)",
+                ledger.sent, ledger.valid, ledger.poison
+            );
+            println!(
+                "{}",
+                serde_json::to_string(&ledger).expect("ledger serializes")
+            );
+            0
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            1
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let flags = match Flags::try_parse() {
@@ -53,6 +130,9 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(command) = flags.command {
+        std::process::exit(run_sqs(command).await);
+    }
     let config = LoadgenConfig {
         brokers: flags.brokers,
         topic: flags.topic,

@@ -11,12 +11,17 @@
 //! because nothing past the persisted checkpoint is committed, so the next
 //! start rewinds to the checkpoint and the idempotent sinks absorb the replay.
 //!
+//! [`solo::SoloSupervisor`] applies the same policy to a single actor (the
+//! SQS consumer).
+//!
 //! A graceful [`PipelineMsg::Shutdown`] stops the consumer first, waits for
 //! everything in flight to be acknowledged, persists a last checkpoint, then
 //! stops the rest.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub mod solo;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use stream_actors::committer::{CommitterActor, CommitterArgs, CommitterMsg, CommitterStatus};

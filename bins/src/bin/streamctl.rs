@@ -1,9 +1,11 @@
-//! `streamctl`: look at what the pipeline did.
+//! `streamctl`: look at what the pipeline did, inspect and replay dead
+//! letters, set up and watch the SQS queues.
 
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use stream_bins::config::{parse_or_exit, ConnectionArgs};
+use stream_bins::config::{parse_or_exit, ConnectionArgs, SqsArgs};
+use stream_bins::dlq::DlqFilter;
 
 /// Operate and inspect the streaming pipeline.
 #[derive(Debug, Parser)]
@@ -28,31 +30,104 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The dead-letter topic: stats, show, replay.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// The SQS queues: setup, status.
+    Sqs {
+        #[command(subcommand)]
+        command: SqsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Count dead letters by error type, stage, source partition and age.
+    Stats {
+        #[command(flatten)]
+        connections: ConnectionArgs,
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print dead letters with their headers (payloads shown safely).
+    Show {
+        #[command(flatten)]
+        connections: ConnectionArgs,
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// The most records to print.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Re-publish dead letters to the source topic after a fix. Dry run unless
+    /// --execute: prints what would move. Each dead letter is replayed at most
+    /// once, and none that was already replayed --max-replays times.
+    Replay {
+        #[command(flatten)]
+        connections: ConnectionArgs,
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Publish for real.
+        #[arg(long)]
+        execute: bool,
+        /// Skip dead letters whose `dlq.replay.count` reached this.
+        #[arg(long, default_value_t = 1)]
+        max_replays: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SqsCommand {
+    /// Create the queue and its dead-letter queue with a redrive policy, or
+    /// check an existing queue's policy.
+    Setup {
+        #[command(flatten)]
+        sqs: SqsArgs,
+        /// Receives before the broker moves a message to the dead-letter queue.
+        #[arg(long, env = "SQS_MAX_RECEIVE_COUNT", default_value_t = 3)]
+        max_receive_count: u32,
+    },
+    /// Messages waiting, in flight, and redriven to the dead-letter queue.
+    Status {
+        #[command(flatten)]
+        sqs: SqsArgs,
+    },
+}
+
+fn config_or_exit<T>(result: Result<T, stream_bins::config::ConfigError>) -> T {
+    result.unwrap_or_else(|config_error| {
+        eprintln!("error: {config_error}");
+        std::process::exit(2);
+    })
 }
 
 #[tokio::main]
 async fn main() {
     let streamctl: Streamctl = parse_or_exit();
-    let code = match streamctl.command {
+    let result = match streamctl.command {
         Command::Report {
             connections,
             wait_secs,
             json,
         } => {
-            if let Err(config_error) = connections.validate() {
-                eprintln!("error: {config_error}");
-                std::process::exit(2);
-            }
-            match report(&connections, wait_secs, json).await {
-                Ok(code) => code,
-                Err(report_error) => {
-                    eprintln!("error: {report_error:#}");
-                    1
-                }
-            }
+            config_or_exit(connections.validate());
+            report(&connections, wait_secs, json).await
         }
+        Command::Dlq { command } => dlq(command).await,
+        Command::Sqs { command } => sqs(command).await,
     };
-    std::process::exit(code);
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(command_error) => {
+            eprintln!("error: {command_error:#}");
+            std::process::exit(1);
+        }
+    }
 }
 
 async fn report(connections: &ConnectionArgs, wait_secs: u64, json: bool) -> anyhow::Result<i32> {
@@ -66,4 +141,133 @@ async fn report(connections: &ConnectionArgs, wait_secs: u64, json: bool) -> any
         println!("{}", report.render());
     }
     Ok(if report.accounted_for() { 0 } else { 1 })
+}
+
+async fn dlq(command: DlqCommand) -> anyhow::Result<i32> {
+    match command {
+        DlqCommand::Stats {
+            connections,
+            filter,
+            json,
+        } => {
+            config_or_exit(connections.validate());
+            let records = stream_bins::inspect::read_topic(
+                &connections.brokers,
+                &connections.dlq_topic,
+                Duration::from_secs(120),
+            )?;
+            let stats = stream_bins::dlq::stats(&records, &connections.topic, &filter);
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!(
+                    "dead letters in {} from {}: {}",
+                    connections.dlq_topic, connections.topic, stats.total
+                );
+                for (title, counts) in [
+                    ("by error type", &stats.by_error_type),
+                    ("by stage", &stats.by_stage),
+                    ("by source partition", &stats.by_source_partition),
+                    ("by age", &stats.by_age),
+                ] {
+                    println!("{title}:");
+                    for (key, count) in counts {
+                        println!("  {key}: {count}");
+                    }
+                }
+            }
+        }
+        DlqCommand::Show {
+            connections,
+            filter,
+            limit,
+        } => {
+            config_or_exit(connections.validate());
+            let records = stream_bins::inspect::read_topic(
+                &connections.brokers,
+                &connections.dlq_topic,
+                Duration::from_secs(120),
+            )?;
+            for record in records
+                .iter()
+                .filter(|record| filter.accepts(record, &connections.topic))
+                .take(limit)
+            {
+                println!("{}", stream_bins::dlq::render_record(record));
+            }
+        }
+        DlqCommand::Replay {
+            connections,
+            filter,
+            execute,
+            max_replays,
+        } => {
+            config_or_exit(connections.validate());
+            let outcome =
+                stream_bins::dlq::replay(&connections, &filter, max_replays, execute).await?;
+            let verb = if execute {
+                "replayed"
+            } else {
+                "would replay (dry run; --execute to publish)"
+            };
+            println!(
+                "{verb}: {} to {} {:?}; skipped: {} already replayed, {} at the replay limit",
+                if execute {
+                    outcome.published
+                } else {
+                    outcome.selected
+                },
+                connections.topic,
+                outcome.selected_by_error_type,
+                outcome.skipped_already_replayed,
+                outcome.skipped_replay_limit
+            );
+        }
+    }
+    Ok(0)
+}
+
+async fn sqs(command: SqsCommand) -> anyhow::Result<i32> {
+    use stream_actors::sqs;
+    match command {
+        SqsCommand::Setup {
+            sqs: arguments,
+            max_receive_count,
+        } => {
+            let settings = config_or_exit(arguments.validate());
+            let client = sqs::client(&settings);
+            let setup = sqs::setup_queues(
+                &client,
+                &settings,
+                &arguments.queue,
+                &arguments.dlq,
+                max_receive_count,
+            )
+            .await?;
+            println!(
+                "{} {} -> {} after {max_receive_count} receives",
+                if setup.created { "created" } else { "checked" },
+                setup.queue_url,
+                setup.dlq_url
+            );
+        }
+        SqsCommand::Status { sqs: arguments } => {
+            let settings = config_or_exit(arguments.validate());
+            let client = sqs::client(&settings);
+            let queue_url = sqs::queue_url(&client, &settings, &arguments.queue).await?;
+            let dlq_url = sqs::queue_url(&client, &settings, &arguments.dlq).await?;
+            println!(
+                "{}: {} waiting, {} in flight",
+                arguments.queue,
+                sqs::approximate_messages(&client, &settings, &queue_url).await?,
+                sqs::approximate_in_flight(&client, &settings, &queue_url).await?
+            );
+            println!(
+                "messages redriven to {}: {}",
+                arguments.dlq,
+                sqs::approximate_messages(&client, &settings, &dlq_url).await?
+            );
+        }
+    }
+    Ok(0)
 }

@@ -1,0 +1,28 @@
+//! Runs the SQS consumer under its supervisor until SIGINT/SIGTERM (exit 0)
+//! or a failure (exit 1).
+
+use stream_actors::sqs_consumer::{SqsConsumerActor, SqsConsumerArgs};
+use stream_supervisor::solo::start_solo;
+use stream_supervisor::PipelineExit;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+/// Runs until a signal or a failure; returns the process exit code.
+pub async fn run(arguments: SqsConsumerArgs) -> anyhow::Result<i32> {
+    let handle = start_solo("sqs_consumer", SqsConsumerActor, arguments).await?;
+    let mut exit = handle.exit.clone();
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => info!("sigterm received"),
+        _ = interrupt.recv() => info!("sigint received"),
+        _ = exit.wait_for(|state| *state != PipelineExit::Running) => {}
+    }
+    match handle.shutdown().await {
+        PipelineExit::Failed(reason) => {
+            error!(%reason, "sqs consumer failed");
+            Ok(1)
+        }
+        PipelineExit::Stopped | PipelineExit::Running => Ok(0),
+    }
+}
