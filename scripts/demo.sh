@@ -67,6 +67,26 @@ set +e
 VERDICT=$?
 set -e
 END=$(date +%s.%N)
-awk -v n="$COUNT" -v s="$START" -v e="$END" 'BEGIN { printf "end to end: %d events in %.1f s (%.0f events/s, produce and process overlapping)\n", n, e - s, n / (e - s) }'
+awk -v n="$COUNT" -v s="$START" -v e="$END" 'BEGIN { printf "end to end: %d events in %.1f s (%.0f events/s, loadgen, processing and the report overlapping)\n", n, e - s, n / (e - s) }'
 printf 'ledger from loadgen: %s\n' "$LEDGER"
+
+say "== 4. queue contrast: the broker redrives after maxReceiveCount =="
+"$BIN/streamctl" sqs setup --queue orders --dlq orders-dlq --max-receive-count 3 --purge >&2
+"$BIN/sqs-consumer" --queue orders --dlq orders-dlq --postgres-url "$POSTGRES_URL" --wait-secs 1 \
+  --retry-delay-secs 0 --metrics-addr "${SQS_METRICS_ADDR:-127.0.0.1:9466}" >"$STATE/sqs-consumer.log" 2>&1 &
+SQS_PID=$!
+stop_all() { kill -TERM "$SQS_PID" 2>/dev/null && wait "$SQS_PID" 2>/dev/null || true; stop_processor; }
+trap stop_all EXIT
+ORDERS=$("$BIN/loadgen" sqs --queue orders --count "${ORDERS:-200}" --poison-rate 0.02 | tail -1)
+say "orders ledger: $ORDERS"
+for _ in $(seq 1 120); do
+  STATUS=$("$BIN/streamctl" sqs status --queue orders --dlq orders-dlq)
+  if printf '%s' "$STATUS" | grep -q "0 waiting, 0 in flight"; then break; fi
+  sleep 0.5
+done
+DLQ_COUNT=$("$BIN/streamctl" dlq stats --brokers "$BROKERS" --json | sed -E 's/^\{"total":([0-9]+).*/\1/')
+printf 'events.dlq messages so far: %s\n' "$DLQ_COUNT"
+"$BIN/streamctl" sqs status --queue orders --dlq orders-dlq | grep redriven
+echo "log (Kafka): the consumer decides a record is poison and writes it to events.dlq itself; the original stays on the log, replayable."
+echo "queue (SQS): the consumer only fails to delete; the broker counts receives and moves the message to orders-dlq after maxReceiveCount."
 exit "$VERDICT"

@@ -37,3 +37,6 @@ pub const SQS_FAILED_RECEIVES: &str = "sqs_receive_failures_total";
 pub const SQS_DELETED: &str = "sqs_messages_deleted_total";
 /// Messages the broker moved to the dead-letter queue: its ApproximateNumberOfMessages (gauge, label `queue`).
 pub const SQS_REDRIVEN: &str = "sqs_messages_redriven";
+/// Actor restarts by a supervisor (counter, label `actor`). Exported at 0 from
+/// the start so `increase()` sees the first restart.
+pub const ACTOR_RESTARTS: &str = "stream_actor_restarts_total";

@@ -211,6 +211,9 @@ impl Actor for PipelineSupervisor {
             supervisor_cell,
         )
         .await?;
+        for actor in ["consumer", "parser", "sink", "dlq_writer", "committer"] {
+            metrics::counter!(stream_actors::metrics::ACTOR_RESTARTS, "actor" => actor).increment(0);
+        }
         info!(topic = %config.topic, group = %config.group_id, "pipeline started");
         Ok(PipelineState {
             children: Children {

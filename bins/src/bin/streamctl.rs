@@ -91,6 +91,9 @@ enum SqsCommand {
         /// Receives before the broker moves a message to the dead-letter queue.
         #[arg(long, env = "SQS_MAX_RECEIVE_COUNT", default_value_t = 3)]
         max_receive_count: u32,
+        /// Also empty both queues (for a clean demo run).
+        #[arg(long)]
+        purge: bool,
     },
     /// Messages waiting, in flight, and redriven to the dead-letter queue.
     Status {
@@ -233,6 +236,7 @@ async fn sqs(command: SqsCommand) -> anyhow::Result<i32> {
         SqsCommand::Setup {
             sqs: arguments,
             max_receive_count,
+            purge,
         } => {
             let settings = config_or_exit(arguments.validate());
             let client = sqs::client(&settings);
@@ -244,6 +248,18 @@ async fn sqs(command: SqsCommand) -> anyhow::Result<i32> {
                 max_receive_count,
             )
             .await?;
+            if purge {
+                for url in [&setup.queue_url, &setup.dlq_url] {
+                    client
+                        .purge_queue()
+                        .queue_url(url)
+                        .send()
+                        .await
+                        .map_err(|error| {
+                            sqs::classify(&settings, &format!("purge {url}"), error)
+                        })?;
+                }
+            }
             println!(
                 "{} {} -> {} after {max_receive_count} receives",
                 if setup.created { "created" } else { "checked" },
