@@ -212,7 +212,8 @@ impl Actor for PipelineSupervisor {
         )
         .await?;
         for actor in ["consumer", "parser", "sink", "dlq_writer", "committer"] {
-            metrics::counter!(stream_actors::metrics::ACTOR_RESTARTS, "actor" => actor).increment(0);
+            metrics::counter!(stream_actors::metrics::ACTOR_RESTARTS, "actor" => actor)
+                .increment(0);
         }
         info!(topic = %config.topic, group = %config.group_id, "pipeline started");
         Ok(PipelineState {
