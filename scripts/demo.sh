@@ -43,7 +43,10 @@ say "== 1. processor =="
 "$BIN/processor" --brokers "$BROKERS" --group "$GROUP" --postgres-url "$POSTGRES_URL" \
   --clickhouse-url "$CLICKHOUSE_URL" --metrics-addr "$METRICS_ADDR" >"$STATE/processor.log" 2>&1 &
 PROCESSOR_PID=$!
-stop_processor() { kill -TERM "$PROCESSOR_PID" 2>/dev/null && wait "$PROCESSOR_PID" 2>/dev/null || true; }
+# shellcheck disable=SC2317  # called from the EXIT trap
+stop_processor() {
+  if kill -TERM "$PROCESSOR_PID" 2>/dev/null; then wait "$PROCESSOR_PID" 2>/dev/null || true; fi
+}
 trap stop_processor EXIT
 for _ in $(seq 1 100); do
   if grep -q "pipeline started" "$STATE/processor.log"; then break; fi
@@ -75,7 +78,11 @@ say "== 4. queue contrast: the broker redrives after maxReceiveCount =="
 "$BIN/sqs-consumer" --queue orders --dlq orders-dlq --postgres-url "$POSTGRES_URL" --wait-secs 1 \
   --retry-delay-secs 0 --metrics-addr "${SQS_METRICS_ADDR:-127.0.0.1:9466}" >"$STATE/sqs-consumer.log" 2>&1 &
 SQS_PID=$!
-stop_all() { kill -TERM "$SQS_PID" 2>/dev/null && wait "$SQS_PID" 2>/dev/null || true; stop_processor; }
+# shellcheck disable=SC2317  # called from the EXIT trap
+stop_all() {
+  if kill -TERM "$SQS_PID" 2>/dev/null; then wait "$SQS_PID" 2>/dev/null || true; fi
+  stop_processor
+}
 trap stop_all EXIT
 ORDERS=$("$BIN/loadgen" sqs --queue orders --count "${ORDERS:-200}" --poison-rate 0.02 | tail -1)
 say "orders ledger: $ORDERS"

@@ -20,4 +20,13 @@ echo "test: observability assets (promtool, amtool, dashboards)" >&2
 bash scripts/check-observability.sh
 
 echo "test: cargo test (integration tests run one at a time: 2 cores)" >&2
-cargo test --workspace --no-fail-fast -- --test-threads=1
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+set +e
+cargo test --workspace --no-fail-fast -- --test-threads=1 2>&1 | tee "$LOG"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run (cargo's own last line is the doc-tests').
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;/) passed += $(i - 1); if ($(i) ~ /^failed;/) failed += $(i - 1) } }
+     END { printf "tests: %d passed, %d failed\n", passed, failed }' "$LOG"
+exit "$status"
