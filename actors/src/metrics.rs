@@ -40,3 +40,5 @@ pub const SQS_REDRIVEN: &str = "sqs_messages_redriven";
 /// Actor restarts by a supervisor (counter, label `actor`). Exported at 0 from
 /// the start so `increase()` sees the first restart.
 pub const ACTOR_RESTARTS: &str = "stream_actor_restarts_total";
+/// Visibility extensions for slow work (counter).
+pub const SQS_VISIBILITY_EXTENSIONS: &str = "sqs_visibility_extensions_total";

@@ -307,35 +307,45 @@ async fn process_message(context: &TaskContext, message: Message) -> Result<(), 
         }
     };
 
-    // Store, renewing the message's visibility while the store is slow.
-    let store = context.store.store(&order, &message_id);
-    tokio::pin!(store);
+    // The work (store, then the test gate if any), renewing the message's
+    // visibility while it runs so slow work is not redelivered meanwhile.
+    let work = async {
+        context
+            .store
+            .store(&order, &message_id)
+            .await
+            .map_err(|error| format!("storing order {}: {error}", order.order_id))?;
+        if let Some(gate) = &context.args.delete_gate {
+            gate.acquire()
+                .await
+                .map_err(|error| error.to_string())?
+                .forget();
+        }
+        Ok::<(), String>(())
+    };
+    tokio::pin!(work);
     let renew_every =
         Duration::from_secs((context.args.visibility_timeout_seconds.max(2) / 2) as u64);
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
-    let stored = loop {
+    loop {
         tokio::select! {
-            result = &mut store => break result,
+            result = &mut work => break result?,
             _ = heartbeat.tick() => {
-                let _ = context
+                if let Err(error) = context
                     .client
                     .change_message_visibility()
                     .queue_url(&context.queue_url)
                     .receipt_handle(&receipt)
                     .visibility_timeout(context.args.visibility_timeout_seconds)
                     .send()
-                    .await;
+                    .await
+                {
+                    warn!(%message_id, error = %classify(&context.args.settings, "extend visibility", error), "cannot extend visibility");
+                }
+                metrics::counter!(names::SQS_VISIBILITY_EXTENSIONS).increment(1);
             }
         }
-    };
-    stored.map_err(|error| format!("storing order {}: {error}", order.order_id))?;
-
-    if let Some(gate) = &context.args.delete_gate {
-        gate.acquire()
-            .await
-            .map_err(|error| error.to_string())?
-            .forget();
     }
     context
         .client

@@ -295,3 +295,61 @@ fn the_binary_names_a_missing_queue() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--concurrency"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_work_extends_visibility_so_the_message_is_not_redelivered() {
+    let env = queue_env("slow", 3).await;
+    env.send(&order(3)).await;
+    // Visibility 2 s; the work is held for 6 s: without renewal the message
+    // would come back (and be received again) about three times meanwhile.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut arguments = env.arguments();
+    arguments.delete_gate = Some(gate.clone());
+    let handle = start_solo("sqs_consumer", SqsConsumerActor, arguments)
+        .await
+        .expect("starts");
+    wait_until("the order to be stored", Duration::from_secs(30), || {
+        env.order_rows_is(1)
+    })
+    .await;
+    let held_since = std::time::Instant::now();
+    while held_since.elapsed() < Duration::from_secs(6) {
+        assert_eq!(
+            status(&handle).await.received,
+            1,
+            "redelivered while still being worked on"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gate.add_permits(1);
+    wait_until(
+        "the message to be deleted",
+        Duration::from_secs(30),
+        || async { status(&handle).await.deleted == 1 },
+    )
+    .await;
+    assert_eq!(status(&handle).await.received, 1);
+    assert_eq!(handle.shutdown().await, PipelineExit::Stopped);
+    assert_eq!(env.order_rows().await, 1);
+}
+
+#[tokio::test]
+async fn loadgen_sqs_ledger_matches_the_queue() {
+    let env = queue_env("loadgen", 3).await;
+    let ledger = loadgen::sqs::run(&settings(), &env.queue, 45, 0.2, 9)
+        .await
+        .expect("loadgen sqs");
+    assert_eq!(ledger.sent, 45);
+    assert_eq!(ledger.valid + ledger.poison, 45);
+    assert!(ledger.poison > 0);
+    assert_eq!(
+        sqs::approximate_messages(&env.client, &settings(), &env.queue_url)
+            .await
+            .unwrap(),
+        45
+    );
+    let error = loadgen::sqs::run(&settings(), "no-such-queue-for-tests", 1, 0.0, 1)
+        .await
+        .expect_err("missing queue");
+    assert!(error.to_string().contains("no-such-queue-for-tests"));
+}
