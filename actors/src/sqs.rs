@@ -203,14 +203,13 @@ pub async fn approximate_messages(
     settings: &SqsSettings,
     queue_url: &str,
 ) -> Result<i64, SqsError> {
-    let value = queue_attribute(
+    count_attribute(
         client,
         settings,
         queue_url,
         QueueAttributeName::ApproximateNumberOfMessages,
     )
-    .await?;
-    Ok(value.and_then(|text| text.parse().ok()).unwrap_or(0))
+    .await
 }
 
 /// Messages received and not yet deleted (`ApproximateNumberOfMessagesNotVisible`).
@@ -219,13 +218,22 @@ pub async fn approximate_in_flight(
     settings: &SqsSettings,
     queue_url: &str,
 ) -> Result<i64, SqsError> {
-    let value = queue_attribute(
+    count_attribute(
         client,
         settings,
         queue_url,
         QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
     )
-    .await?;
+    .await
+}
+
+async fn count_attribute(
+    client: &Client,
+    settings: &SqsSettings,
+    queue_url: &str,
+    name: QueueAttributeName,
+) -> Result<i64, SqsError> {
+    let value = queue_attribute(client, settings, queue_url, name).await?;
     Ok(value.and_then(|text| text.parse().ok()).unwrap_or(0))
 }
 

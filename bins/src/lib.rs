@@ -26,3 +26,29 @@ pub fn init_tracing() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// The tail every long-running binary shares: sets up tracing, serves
+/// `/metrics` when asked, runs `work` and exits with its code (2 when the
+/// metrics address cannot be served, 1 on an error).
+pub async fn run_service<F>(
+    metrics_addr: Option<std::net::SocketAddr>,
+    work: impl FnOnce() -> F,
+) -> !
+where
+    F: std::future::Future<Output = anyhow::Result<i32>>,
+{
+    init_tracing();
+    if let Some(address) = metrics_addr {
+        if let Err(metrics_error) = processor::install_metrics(address) {
+            eprintln!("error: {metrics_error}");
+            std::process::exit(2);
+        }
+    }
+    match work().await {
+        Ok(code) => std::process::exit(code),
+        Err(run_error) => {
+            eprintln!("error: {run_error:#}");
+            std::process::exit(1);
+        }
+    }
+}

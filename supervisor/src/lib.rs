@@ -242,14 +242,7 @@ impl Actor for PipelineSupervisor {
         for child in &state.children.all {
             child.stop(None);
         }
-        state.exit.send_if_modified(|exit| {
-            if *exit == PipelineExit::Running {
-                *exit = PipelineExit::Stopped;
-                true
-            } else {
-                false
-            }
-        });
+        mark_stopped(&state.exit);
         Ok(())
     }
 
@@ -309,30 +302,56 @@ impl Actor for PipelineSupervisor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let failure = match event {
-            SupervisionEvent::ActorFailed(cell, reason) => Some(format!(
-                "actor {} failed: {reason}",
-                describe(&cell, &state.children)
-            )),
-            SupervisionEvent::ActorTerminated(cell, _, reason) if !state.shutting_down => {
-                Some(format!(
-                    "actor {} stopped unexpectedly ({})",
-                    describe(&cell, &state.children),
-                    reason.unwrap_or_else(|| "no reason".to_string())
-                ))
-            }
-            _ => None,
-        };
-        if let Some(failure) = failure {
-            error!(%failure, "pipeline failing");
-            state.shutting_down = true;
-            state
-                .exit
-                .send_replace(PipelineExit::Failed(failure.clone()));
-            myself.stop(Some(failure));
-        }
+        let children = &state.children;
+        escalate_on_child_exit(
+            &myself,
+            event,
+            &mut state.shutting_down,
+            &state.exit,
+            |cell| format!("actor {}", describe(cell, children)),
+        );
         Ok(())
     }
+}
+
+/// The escalation policy every supervisor here shares: a child that failed,
+/// or stopped while nobody was shutting down, fails the supervisor, which
+/// publishes [`PipelineExit::Failed`] and stops (its owner exits non-zero).
+pub(crate) fn escalate_on_child_exit<M: ractor::Message>(
+    myself: &ActorRef<M>,
+    event: SupervisionEvent,
+    shutting_down: &mut bool,
+    exit: &watch::Sender<PipelineExit>,
+    name: impl Fn(&ActorCell) -> String,
+) {
+    let failure = match event {
+        SupervisionEvent::ActorFailed(cell, reason) => {
+            Some(format!("{} failed: {reason}", name(&cell)))
+        }
+        SupervisionEvent::ActorTerminated(cell, _, reason) if !*shutting_down => Some(format!(
+            "{} stopped unexpectedly ({})",
+            name(&cell),
+            reason.unwrap_or_else(|| "no reason".to_string())
+        )),
+        _ => None,
+    };
+    if let Some(failure) = failure {
+        error!(%failure, "supervisor escalating");
+        *shutting_down = true;
+        exit.send_replace(PipelineExit::Failed(failure.clone()));
+        myself.stop(Some(failure));
+    }
+}
+
+/// Publishes [`PipelineExit::Stopped`] unless an outcome is already there.
+pub(crate) fn mark_stopped(exit: &watch::Sender<PipelineExit>) {
+    exit.send_if_modified(|outcome| {
+        let running = *outcome == PipelineExit::Running;
+        if running {
+            *outcome = PipelineExit::Stopped;
+        }
+        running
+    });
 }
 
 /// Names a child by its role.

@@ -4,9 +4,8 @@
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::watch;
-use tracing::error;
 
-use crate::{startup_message, PipelineExit, StartError};
+use crate::{escalate_on_child_exit, mark_stopped, startup_message, PipelineExit, StartError};
 
 /// Messages the solo supervisor handles.
 #[derive(Debug)]
@@ -73,13 +72,7 @@ impl<A: Actor> Actor for SoloSupervisor<A> {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.child.stop(None);
-        state.exit.send_if_modified(|exit| {
-            let running = *exit == PipelineExit::Running;
-            if running {
-                *exit = PipelineExit::Stopped;
-            }
-            running
-        });
+        mark_stopped(&state.exit);
         Ok(())
     }
 
@@ -108,27 +101,14 @@ impl<A: Actor> Actor for SoloSupervisor<A> {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let failure = match event {
-            SupervisionEvent::ActorFailed(_, reason) => {
-                Some(format!("{} failed: {reason}", state.name))
-            }
-            SupervisionEvent::ActorTerminated(_, _, reason) if !state.shutting_down => {
-                Some(format!(
-                    "{} stopped unexpectedly ({})",
-                    state.name,
-                    reason.unwrap_or_else(|| "no reason".to_string())
-                ))
-            }
-            _ => None,
-        };
-        if let Some(failure) = failure {
-            error!(%failure, "supervised actor failing");
-            state.shutting_down = true;
-            state
-                .exit
-                .send_replace(PipelineExit::Failed(failure.clone()));
-            myself.stop(Some(failure));
-        }
+        let name = state.name;
+        escalate_on_child_exit(
+            &myself,
+            event,
+            &mut state.shutting_down,
+            &state.exit,
+            |_| name.to_string(),
+        );
         Ok(())
     }
 }
