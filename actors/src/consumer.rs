@@ -377,6 +377,7 @@ fn poll_batch(
                     key: message.key().map(<[u8]>::to_vec),
                     payload: message.payload().map(<[u8]>::to_vec),
                     replay_count: replay_count(&message),
+                    kafka_timestamp_ms: message.timestamp().to_millis(),
                 });
             }
             Some(Err(KafkaError::PartitionEOF(_))) => {}

@@ -82,6 +82,7 @@ impl MailboxBound {
         let capacity = capacity.max(1);
         metrics::gauge!(names::MAILBOX_CAPACITY, "actor" => actor).set(capacity as f64);
         metrics::gauge!(names::MAILBOX_DEPTH, "actor" => actor).set(0.0);
+        metrics::counter!(names::MAILBOX_SEND_WAIT_MICROS, "actor" => actor).increment(0);
         MailboxBound {
             permits: Arc::new(Semaphore::new(capacity)),
             stats: Arc::new(MailboxStats {

@@ -42,3 +42,5 @@ pub const SQS_REDRIVEN: &str = "sqs_messages_redriven";
 pub const ACTOR_RESTARTS: &str = "stream_actor_restarts_total";
 /// Visibility extensions for slow work (counter).
 pub const SQS_VISIBILITY_EXTENSIONS: &str = "sqs_visibility_extensions_total";
+/// Seconds from the Kafka record timestamp to the sink's acknowledgement (histogram).
+pub const END_TO_END_LATENCY: &str = "stream_end_to_end_latency_seconds";

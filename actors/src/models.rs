@@ -26,6 +26,9 @@ pub struct RawRecord {
     /// How many times this record was replayed from the dead-letter topic
     /// (its `dlq.replay.count` header; 0 for an original record).
     pub replay_count: u32,
+    /// The Kafka record timestamp (producer create time), milliseconds since
+    /// the epoch: the start of the end-to-end latency.
+    pub kafka_timestamp_ms: Option<i64>,
 }
 
 /// A record the parser accepted, ready for the sinks.
@@ -35,6 +38,8 @@ pub struct ValidRecord {
     pub position: SourcePosition,
     /// The parsed event.
     pub event: ValidEvent,
+    /// The Kafka record timestamp, for the end-to-end latency.
+    pub kafka_timestamp_ms: Option<i64>,
 }
 
 /// A record the parser rejected, on its way to the dead-letter topic.

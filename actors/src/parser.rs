@@ -64,6 +64,7 @@ pub fn split_batch(
             Ok(event) => valid.push(ValidRecord {
                 position: raw.position,
                 event,
+                kafka_timestamp_ms: raw.kafka_timestamp_ms,
             }),
             Err(parse_error) => poison.push(PoisonRecord {
                 raw,

@@ -96,6 +96,14 @@ impl SinkState {
         }
         let stored = std::mem::take(&mut self.buffer);
         metrics::counter!(names::EVENTS_PROCESSED).increment(stored.len() as u64);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as i64)
+            .unwrap_or_default();
+        let latency = metrics::histogram!(names::END_TO_END_LATENCY);
+        for produced_at in stored.iter().filter_map(|record| record.kafka_timestamp_ms) {
+            latency.record((now_ms - produced_at).max(0) as f64 / 1000.0);
+        }
         let positions = stored.iter().map(|record| record.position).collect();
         self.args.committer.cast(CommitterMsg::Ack {
             source: AckSource::Sink,
@@ -143,6 +151,9 @@ impl Actor for SinkActor {
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         metrics::counter!(names::EVENTS_PROCESSED).increment(0);
+        for store in ["postgres", "clickhouse"] {
+            metrics::counter!(names::SINK_RETRIES, "store" => store).increment(0);
+        }
         let postgres = PostgresEvents::connect(&args.config.postgres_url).await?;
         let clickhouse = ClickHouseEvents::connect(&args.config).await?;
         Ok(SinkState {

@@ -143,6 +143,15 @@ impl Actor for SqsConsumerActor {
         myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        for counter in [
+            names::SQS_RECEIVED,
+            names::SQS_PROCESSED,
+            names::SQS_FAILED_RECEIVES,
+            names::SQS_DELETED,
+            names::SQS_VISIBILITY_EXTENSIONS,
+        ] {
+            metrics::counter!(counter).increment(0);
+        }
         let sqs = client(&args.settings);
         let main_url = queue_url(&sqs, &args.settings, &args.queue).await?;
         let dlq_url = queue_url(&sqs, &args.settings, &args.dlq).await?;

@@ -38,6 +38,9 @@ struct Flags {
     /// Producer actors sharing the work (1..=64).
     #[arg(long, env = "LOADGEN_PRODUCERS", default_value_t = 2)]
     producers: usize,
+    /// Serve Prometheus `/metrics` (loadgen_sent_total by kind) on this address; empty: off.
+    #[arg(long, env = "METRICS_ADDR", default_value = "")]
+    metrics_addr: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +133,22 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    if !flags.metrics_addr.trim().is_empty() {
+        let Ok(address) = flags.metrics_addr.parse::<std::net::SocketAddr>() else {
+            eprintln!(
+                "error: invalid setting --metrics-addr (METRICS_ADDR): {:?} is not an address like 127.0.0.1:9465",
+                flags.metrics_addr
+            );
+            std::process::exit(2);
+        };
+        if let Err(error) = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(address)
+            .install()
+        {
+            eprintln!("error: cannot serve metrics on --metrics-addr {address}: {error}");
+            std::process::exit(2);
+        }
+    }
     if let Some(command) = flags.command {
         std::process::exit(run_sqs(command).await);
     }
