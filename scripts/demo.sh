@@ -39,6 +39,33 @@ done
 psql -q "$POSTGRES_URL" -c 'DROP TABLE IF EXISTS events; DROP TABLE IF EXISTS pipeline_checkpoints;' >/dev/null
 curl -sf "$CLICKHOUSE_URL/" --data-binary 'DROP TABLE IF EXISTS pipeline.events' >/dev/null
 
+say "== Prometheus (rules from observability/) and Alertmanager =="
+if ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus prometheus-alertmanager >&2
+fi
+PROMETHEUS_ADDR="${PROMETHEUS_ADDR:-127.0.0.1:9090}"
+if curl -sf "http://$PROMETHEUS_ADDR/-/ready" >/dev/null 2>&1; then
+  say "error: something already answers on $PROMETHEUS_ADDR (set PROMETHEUS_ADDR)"; exit 1
+fi
+rm -rf "$STATE/prometheus" "$STATE/alertmanager"
+prometheus --config.file="$ROOT/observability/prometheus/prometheus.yml" --storage.tsdb.path="$STATE/prometheus" \
+  --web.listen-address="$PROMETHEUS_ADDR" >"$STATE/prometheus.log" 2>&1 &
+PROMETHEUS_PID=$!
+prometheus-alertmanager --config.file="$ROOT/observability/alertmanager/alertmanager.yml" \
+  --storage.path="$STATE/alertmanager" --web.listen-address=127.0.0.1:9093 --cluster.listen-address= \
+  >"$STATE/alertmanager.log" 2>&1 &
+ALERTMANAGER_PID=$!
+# shellcheck disable=SC2317  # called from the EXIT trap
+stop_observability() { kill "$PROMETHEUS_PID" "$ALERTMANAGER_PID" 2>/dev/null || true; }
+trap stop_observability EXIT
+for _ in $(seq 1 100); do curl -sf "http://$PROMETHEUS_ADDR/-/ready" >/dev/null 2>&1 && break; sleep 0.2; done
+curl -sf "http://$PROMETHEUS_ADDR/-/ready" >/dev/null || { say "prometheus did not start:"; tail -20 "$STATE/prometheus.log" >&2; exit 1; }
+# promql EXPR: the first value of an instant query, or "none".
+promql() {
+  curl -sf --get "http://$PROMETHEUS_ADDR/api/v1/query" --data-urlencode "query=$1" |
+    python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "none")'
+}
+
 say "== 1. processor =="
 "$BIN/processor" --brokers "$BROKERS" --group "$GROUP" --postgres-url "$POSTGRES_URL" \
   --clickhouse-url "$CLICKHOUSE_URL" --metrics-addr "$METRICS_ADDR" >"$STATE/processor.log" 2>&1 &
@@ -46,6 +73,7 @@ PROCESSOR_PID=$!
 # shellcheck disable=SC2317  # called from the EXIT trap
 stop_processor() {
   if kill -TERM "$PROCESSOR_PID" 2>/dev/null; then wait "$PROCESSOR_PID" 2>/dev/null || true; fi
+  stop_observability
 }
 trap stop_processor EXIT
 for _ in $(seq 1 100); do
@@ -57,6 +85,9 @@ for _ in $(seq 1 100); do
 done
 grep -q "pipeline started" "$STATE/processor.log" || { say "processor did not start in 20 s"; tail -20 "$STATE/processor.log" >&2; exit 1; }
 say "processor running (pid $PROCESSOR_PID, metrics http://$METRICS_ADDR/metrics, log $STATE/processor.log)"
+
+say "waiting for Prometheus to scrape the processor before any event (so its rates cover them all)"
+for _ in $(seq 1 60); do [ "$(promql 'stream_events_processed_total')" = "0" ] && break; sleep 0.5; done
 
 say "== 2. loadgen --count $COUNT --poison-rate $POISON_RATE =="
 START=$(date +%s.%N)
@@ -72,6 +103,20 @@ set -e
 END=$(date +%s.%N)
 awk -v n="$COUNT" -v s="$START" -v e="$END" 'BEGIN { printf "end to end: %d events in %.1f s (%.0f events/s, loadgen, processing and the report overlapping)\n", n, e - s, n / (e - s) }'
 printf 'ledger from loadgen: %s\n' "$LEDGER"
+
+say "== the SLO, read from Prometheus =="
+STORED=$(psql -tA "$POSTGRES_URL" -c 'SELECT count(*) FROM events')
+for _ in $(seq 1 60); do [ "$(promql 'stream_events_processed_total')" = "$STORED" ] && break; sleep 0.5; done
+SCRAPED=$(promql 'timestamp(stream_events_processed_total)')
+for _ in $(seq 1 60); do
+  EVALUATED=$(promql 'timestamp(sli:success:ratio5m)')
+  [ "$EVALUATED" != "none" ] && awk -v e="$EVALUATED" -v s="$SCRAPED" 'BEGIN { exit !(e > s) }' && break
+  sleep 0.5
+done
+printf 'success ratio (SLI, sli:success:ratio5m): %.4f (target 0.99)\n' "$(promql 'sli:success:ratio5m')"
+printf 'error budget left (last hour, slo:error_budget:remaining1h): %.1f%%\n' "$(promql '100 * slo:error_budget:remaining1h')"
+printf 'alerts: %s\n' "$(curl -sf "http://$PROMETHEUS_ADDR/api/v1/alerts" |
+  python3 -c 'import json,sys; a=json.load(sys.stdin)["data"]["alerts"]; print(", ".join(x["labels"]["alertname"]+"="+x["state"] for x in a) or "none pending or firing")')"
 
 say "== 4. queue contrast: the broker redrives after maxReceiveCount =="
 "$BIN/streamctl" sqs setup --queue orders --dlq orders-dlq --max-receive-count 3 --purge >&2
