@@ -2,6 +2,8 @@
 //!
 //! - [`config`]: the processor's flags (and the connection flags `streamctl` shares).
 //! - [`processor`]: runs the pipeline until a signal or a failure.
+//! - [`prometheus`]: a small Prometheus API client.
+//! - [`watch`]: `streamctl watch`, the live terminal view.
 //! - [`inspect`]: independent reads of topics, stores and checkpoints.
 //! - [`report`]: `streamctl report`, the demo's summary.
 //! - [`sqs_consumer`]: runs the SQS consumer actor under its supervisor.
@@ -12,9 +14,11 @@ pub mod config;
 pub mod dlq;
 pub mod inspect;
 pub mod processor;
+pub mod prometheus;
 pub mod report;
 pub mod scratch;
 pub mod sqs_consumer;
+pub mod watch;
 
 /// Sets up `tracing` to stderr; `RUST_LOG` overrides the default level.
 pub fn init_tracing() {

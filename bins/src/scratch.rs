@@ -206,40 +206,7 @@ impl TestEnv {
     }
 }
 
-/// A plain HTTP/1.0 GET on loopback; returns the status code and the body.
-/// Enough for `/metrics` and the Prometheus API without an HTTP client crate.
-pub fn http_get(address: &str, path_and_query: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path_and_query} HTTP/1.0\r\nHost: {address}\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or((response.as_str(), ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_string()))
-}
-
-/// Percent-encodes a query parameter value.
-pub fn url_encode(text: &str) -> String {
-    text.bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (byte as char).to_string()
-            }
-            _ => format!("%{byte:02X}"),
-        })
-        .collect()
-}
+pub use crate::prometheus::{http_get, url_encode};
 
 /// A free loopback port (bound and released; good enough for tests).
 pub fn free_port() -> u16 {

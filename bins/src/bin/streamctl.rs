@@ -35,6 +35,17 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// A live view from Prometheus: rates, lag, mailbox depth, restarts, SLI
+    /// and error budget left. Draws on a terminal (q quits); prints a plain
+    /// line per second when stdout is not a terminal.
+    Watch {
+        /// Prometheus address, host:port.
+        #[arg(long, env = "PROMETHEUS_ADDR", default_value = "127.0.0.1:9090")]
+        prometheus: String,
+        /// Stop after this many refreshes (default: until quit).
+        #[arg(long)]
+        iterations: Option<u64>,
+    },
     /// The SQS queues: setup, status.
     Sqs {
         #[command(subcommand)]
@@ -122,6 +133,14 @@ async fn main() {
             report(&connections, wait_secs, json).await
         }
         Command::Dlq { command } => dlq(command).await,
+        Command::Watch {
+            prometheus,
+            iterations,
+        } => tokio::task::spawn_blocking(move || {
+            stream_bins::watch::run(&prometheus, iterations).map(|()| 0)
+        })
+        .await
+        .unwrap_or_else(|join_error| Err(anyhow::anyhow!("watch panicked: {join_error}"))),
         Command::Sqs { command } => sqs(command).await,
     };
     match result {

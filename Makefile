@@ -1,0 +1,77 @@
+# The pipeline on a local Kubernetes cluster (k3d). From a laptop with Docker,
+# k3d and kubectl:
+#
+#   make k3d-up images deploy demo-k8s     # cluster, image, manifests, demo
+#   make k3d-down                          # delete the cluster
+#
+# `make render` prints the manifests; `make check` runs the offline checks
+# (scripts/check-k8s.sh: render, schema validation, policy tests, shellcheck).
+# k8s/README.md explains every step.
+
+# The project's one image. The manifests name it verbatim and
+# scripts/check-k8s.sh reads it from here (`make -s print-image`).
+IMAGE ?= stream-pipeline:dev
+# The k3d cluster: metadata.name in k8s/k3d-cluster.yaml (checked).
+CLUSTER ?= stream-pipeline
+K3D_CONFIG := k8s/k3d-cluster.yaml
+OVERLAY ?= k8s/overlays/local
+KUBE_CONTEXT ?= k3d-$(CLUSTER)
+KUBECTL ?= kubectl
+K := $(KUBECTL) --context $(KUBE_CONTEXT)
+# The base kustomizations read observability/ at the repository root.
+KUSTOMIZE_FLAGS := --load-restrictor LoadRestrictionsNone
+TIMEOUT ?= 600s
+
+.PHONY: help print-image print-cluster k3d-up images deploy wait demo-k8s k3d-down render check
+
+help:
+	@echo "make k3d-up      create the k3d cluster $(CLUSTER) ($(K3D_CONFIG))"
+	@echo "make images      docker build -t $(IMAGE) . and import it into the cluster"
+	@echo "make deploy      render $(OVERLAY), apply it, wait for every rollout"
+	@echo "make demo-k8s    the resilience demo against the cluster (k8s/demo-k8s.sh)"
+	@echo "make k3d-down    delete the cluster"
+	@echo "make render      print the rendered manifests"
+	@echo "make check       offline checks (scripts/check-k8s.sh)"
+
+print-image:
+	@echo $(IMAGE)
+
+print-cluster:
+	@echo $(CLUSTER)
+
+k3d-up:
+	k3d cluster create --config $(K3D_CONFIG)
+
+images:
+	docker build -t $(IMAGE) .
+	k3d image import $(IMAGE) --cluster $(CLUSTER)
+
+render:
+	@$(KUBECTL) kustomize $(KUSTOMIZE_FLAGS) $(OVERLAY)
+
+deploy:
+	$(KUBECTL) kustomize $(KUSTOMIZE_FLAGS) $(OVERLAY) | $(K) apply -f -
+	@$(MAKE) --no-print-directory wait
+
+# Stores first, then the topics, then everything else.
+wait:
+	$(K) -n platform rollout status statefulset/redpanda --timeout=$(TIMEOUT)
+	$(K) -n platform rollout status statefulset/postgres --timeout=$(TIMEOUT)
+	$(K) -n platform rollout status statefulset/clickhouse --timeout=$(TIMEOUT)
+	$(K) -n platform wait --for=condition=complete job/topic-init --timeout=$(TIMEOUT)
+	$(K) -n platform rollout status deployment/elasticmq --timeout=$(TIMEOUT)
+	$(K) -n platform rollout status deployment/processor --timeout=$(TIMEOUT)
+	$(K) -n platform rollout status deployment/sqs-consumer --timeout=$(TIMEOUT)
+	$(K) -n observability rollout status statefulset/prometheus --timeout=$(TIMEOUT)
+	$(K) -n observability rollout status deployment/alertmanager --timeout=$(TIMEOUT)
+	$(K) -n observability rollout status deployment/grafana --timeout=$(TIMEOUT)
+	@echo "deployed: Grafana http://localhost:3000  Prometheus http://localhost:9090  Alertmanager http://localhost:9093"
+
+demo-k8s:
+	KUBECTL="$(KUBECTL)" KUBE_CONTEXT="$(KUBE_CONTEXT)" bash k8s/demo-k8s.sh
+
+k3d-down:
+	k3d cluster delete $(CLUSTER)
+
+check:
+	bash scripts/check-k8s.sh
