@@ -91,6 +91,7 @@ for _ in $(seq 1 60); do [ "$(promql 'stream_events_processed_total')" = "0" ] &
 
 say "== 2. loadgen --count $COUNT --poison-rate $POISON_RATE =="
 START=$(date +%s.%N)
+RUN_START=$(date +%s)
 LEDGER=$("$BIN/loadgen" --brokers "$BROKERS" --topic events --count "$COUNT" --rate "$RATE" --poison-rate "$POISON_RATE" | tail -1)
 say "ledger: $LEDGER"
 
@@ -117,6 +118,8 @@ printf 'success ratio (SLI, sli:success:ratio5m): %.4f (target 0.99)\n' "$(promq
 printf 'error budget left (last hour, slo:error_budget:remaining1h): %.1f%%\n' "$(promql '100 * slo:error_budget:remaining1h')"
 printf 'alerts: %s\n' "$(curl -sf "http://$PROMETHEUS_ADDR/api/v1/alerts" |
   python3 -c 'import json,sys; a=json.load(sys.stdin)["data"]["alerts"]; print(", ".join(x["labels"]["alertname"]+"="+x["state"] for x in a) or "none pending or firing")')"
+
+"$BIN/streamctl" chart --prometheus "$PROMETHEUS_ADDR" --start "$((RUN_START - 10))" --out "$STATE/demo.png"
 
 say "== 4. queue contrast: the broker redrives after maxReceiveCount =="
 "$BIN/streamctl" sqs setup --queue orders --dlq orders-dlq --max-receive-count 3 --purge >&2

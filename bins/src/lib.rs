@@ -1,5 +1,6 @@
 //! The binaries' logic, kept out of `main` so tests can call it.
 //!
+//! - [`chart`]: `streamctl chart`, a PNG of a run from Prometheus.
 //! - [`config`]: the processor's flags (and the connection flags `streamctl` shares).
 //! - [`processor`]: runs the pipeline until a signal or a failure.
 //! - [`prometheus`]: a small Prometheus API client.
@@ -10,6 +11,7 @@
 //! - [`dlq`]: `streamctl dlq stats|show|replay`.
 //! - [`scratch`]: private topics and databases for tests and measurements.
 
+pub mod chart;
 pub mod config;
 pub mod dlq;
 pub mod inspect;

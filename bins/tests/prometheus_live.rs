@@ -178,6 +178,20 @@ async fn the_recorded_sli_matches_the_sinks_and_the_dlq() {
         last_line.contains("mailboxes[dlq_writer=0/8 parser=0/8 sink=0/8]"),
         "{last_line}"
     );
+
+    // A chart of the run, from the same Prometheus.
+    let chart_path = directory.join("run.png");
+    let start = final_scrape - 60.0;
+    stream_bins::chart::chart_from_prometheus(
+        &prometheus_address,
+        start,
+        final_scrape + 1.0,
+        &[(final_scrape - 5.0, "mark".to_string())],
+        &chart_path,
+    )
+    .expect("chart");
+    let png = std::fs::read(&chart_path).expect("chart written");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
     drop(processor);
     let _ = std::fs::remove_dir_all(&directory);
 }

@@ -46,6 +46,25 @@ enum Command {
         #[arg(long)]
         iterations: Option<u64>,
     },
+    /// Draw a PNG of a run from Prometheus: throughput, lag, dead-lettered/s
+    /// and SLI over time, with marks (kills) as vertical lines.
+    Chart {
+        /// Prometheus address, host:port.
+        #[arg(long, env = "PROMETHEUS_ADDR", default_value = "127.0.0.1:9090")]
+        prometheus: String,
+        /// Start of the run, Unix seconds.
+        #[arg(long)]
+        start: f64,
+        /// End of the run, Unix seconds (default: now).
+        #[arg(long)]
+        end: Option<f64>,
+        /// A mark, `UNIX_SECONDS:label` (repeatable), e.g. a kill.
+        #[arg(long = "mark", value_parser = parse_mark)]
+        marks: Vec<(f64, String)>,
+        /// Where to write the PNG.
+        #[arg(long, default_value = "pipeline.png")]
+        out: std::path::PathBuf,
+    },
     /// The SQS queues: setup, status.
     Sqs {
         #[command(subcommand)]
@@ -113,6 +132,14 @@ enum SqsCommand {
     },
 }
 
+fn parse_mark(text: &str) -> Result<(f64, String), String> {
+    let (time, label) = text.split_once(':').unwrap_or((text, "mark"));
+    let time: f64 = time
+        .parse()
+        .map_err(|_| format!("{time:?} is not Unix seconds"))?;
+    Ok((time, label.to_string()))
+}
+
 fn config_or_exit<T>(result: Result<T, stream_bins::config::ConfigError>) -> T {
     result.unwrap_or_else(|config_error| {
         eprintln!("error: {config_error}");
@@ -133,6 +160,26 @@ async fn main() {
             report(&connections, wait_secs, json).await
         }
         Command::Dlq { command } => dlq(command).await,
+        Command::Chart {
+            prometheus,
+            start,
+            end,
+            marks,
+            out,
+        } => {
+            let end = end.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|elapsed| elapsed.as_secs_f64())
+                    .unwrap_or_default()
+            });
+            stream_bins::chart::chart_from_prometheus(&prometheus, start, end, &marks, &out).map(
+                |()| {
+                    println!("chart written to {}", out.display());
+                    0
+                },
+            )
+        }
         Command::Watch {
             prometheus,
             iterations,
