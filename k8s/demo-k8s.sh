@@ -42,13 +42,13 @@ in_processor() { k -n "$NS" exec deploy/processor -c processor -- "$@"; }
 in_sqs_consumer() { k -n "$NS" exec deploy/sqs-consumer -c sqs-consumer -- "$@"; }
 
 # json_number KEY: the first numeric value of "KEY" in the JSON on stdin.
-json_number() { sed -n "s/.*\"$1\":\([0-9.eE+-]*\).*/\1/p" | head -n1; }
+json_number() { sed -n "s/.*\"$1\":\([0-9.eE+-]*\).*/\1/p" | awk 'NR == 1'; }
 
 # prom_value QUERY: the value of an instant query's first sample, or empty.
 prom_value() {
   k -n "$OBS_NS" exec statefulset/prometheus -c prometheus -- \
     wget -qO- "http://127.0.0.1:9090/api/v1/query?query=$1" 2>/dev/null |
-    sed -n 's/.*"value":\[[^,]*,"\([^"]*\)"\].*/\1/p' | head -n1
+    sed -n 's/.*"value":\[[^,]*,"\([^"]*\)"\].*/\1/p' | awk 'NR == 1'
 }
 
 processor_pods() {
@@ -68,13 +68,13 @@ note "events.dlq messages so far: ${DLQ_TOTAL:-?}"
 
 say "== 2. Killed processor resumes from its checkpoint (no data loss) =="
 BEFORE=$(in_processor streamctl report --wait-secs 0 --json | json_number postgres_rows || true)
-VICTIM=$(processor_pods | head -n1)
+VICTIM=$(processor_pods | awk 'NR == 1')
 [ -n "$VICTIM" ] || die "no running processor pod"
 note "stored events before: ${BEFORE:-?}; deleting pod $VICTIM"
 k -n "$NS" delete pod "$VICTIM" --wait=true >/dev/null
 # The Deployment replaces it; wait until two pods are ready again.
 k -n "$NS" wait deployment/processor --for=jsonpath='{.status.readyReplicas}'=2 --timeout=300s >/dev/null
-note "replacement ready: $(processor_pods | grep -vx "$VICTIM" | tr '\n' ' ')"
+note "processors ready again: $(processor_pods | tr '\n' ' ')"
 # The audit needs a quiet topic: wait for loadgen to have sent everything.
 if ! k -n "$NS" wait job/loadgen --for=condition=complete --timeout="${LOADGEN_TIMEOUT}s" >/dev/null; then
   k -n "$NS" logs job/loadgen --tail=5 >&2 || true
@@ -110,7 +110,8 @@ fi
 
 say "== 4. Queue contrast: the broker redrives after maxReceiveCount =="
 in_sqs_consumer streamctl sqs setup --max-receive-count 3 | sed 's/^/   /'
-ORDERS_LEDGER=$(in_sqs_consumer loadgen sqs --count "$ORDERS" --poison-rate 0.02 | tail -n1)
+# The pod's METRICS_ADDR is the consumer's own port: loadgen must not bind it.
+ORDERS_LEDGER=$(in_sqs_consumer env -u METRICS_ADDR loadgen sqs --count "$ORDERS" --poison-rate 0.02 | tail -n1)
 note "orders ledger: $ORDERS_LEDGER"
 STATUS=""
 for _ in $(seq 1 120); do

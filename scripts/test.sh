@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs and starts the local services (first run on a
 # fresh machine installs them), checks formatting and lints, checks the
-# Prometheus rules, alerts and dashboards, then runs every test against the
-# real services.
+# Prometheus rules, alerts and dashboards and the Kubernetes manifests, then
+# runs every test against the real services.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -18,6 +18,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 echo "test: observability assets (promtool, amtool, dashboards)" >&2
 bash scripts/check-observability.sh
+
+echo "test: kubernetes manifests (kustomize, schemas, policy; reads the binaries' own settings)" >&2
+cargo build --workspace
+bash scripts/check-k8s.sh
 
 echo "test: cargo test (integration tests run one at a time: 2 cores)" >&2
 LOG="$(mktemp)"
