@@ -80,7 +80,12 @@ async fn every_listed_metric_is_exported() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await; // one librdkafka statistics interval for the lag gauge
+    // The lag gauge comes with librdkafka's statistics, once a second.
+    common::wait_until("the consumer lag gauge", Duration::from_secs(10), || {
+        let exposition = recorder.render();
+        async move { exposition.contains("# TYPE stream_consumer_lag ") }
+    })
+    .await;
     consumer.shutdown().await;
     pipeline.shutdown().await;
 
