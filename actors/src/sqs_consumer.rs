@@ -182,6 +182,8 @@ impl Actor for SqsConsumerActor {
         myself: ActorRef<Self::Msg>,
         _state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        // Read the dead-letter queue's depth once now, so the gauge exists from the start.
+        myself.cast(SqsConsumerMsg::RefreshRedriven)?;
         myself.cast(SqsConsumerMsg::Receive)?;
         Ok(())
     }

@@ -300,10 +300,11 @@ fn the_binary_names_a_missing_queue() {
 async fn slow_work_extends_visibility_so_the_message_is_not_redelivered() {
     let env = queue_env("slow", 3).await;
     env.send(&order(3)).await;
-    // Visibility 2 s; the work is held for 6 s: without renewal the message
-    // would come back (and be received again) about three times meanwhile.
+    // Visibility 4 s (renewed every 2 s); the work is held for 9 s: without
+    // renewal the message would come back (and be received again) meanwhile.
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let mut arguments = env.arguments();
+    arguments.visibility_timeout_seconds = 4;
     arguments.delete_gate = Some(gate.clone());
     let handle = start_solo("sqs_consumer", SqsConsumerActor, arguments)
         .await
@@ -313,7 +314,7 @@ async fn slow_work_extends_visibility_so_the_message_is_not_redelivered() {
     })
     .await;
     let held_since = std::time::Instant::now();
-    while held_since.elapsed() < Duration::from_secs(6) {
+    while held_since.elapsed() < Duration::from_secs(9) {
         assert_eq!(
             status(&handle).await.received,
             1,
