@@ -238,34 +238,25 @@ impl SqsConsumerConfig {
                 format!("not a PostgreSQL URL: {error}"),
             )
         })?;
-        if !(1..=100).contains(&self.concurrency) {
-            return Err(invalid(
-                "--concurrency",
-                "SQS_CONCURRENCY",
-                format!("must be 1..=100, got {}", self.concurrency),
-            ));
-        }
-        if !(0..=20).contains(&self.wait_secs) {
-            return Err(invalid(
-                "--wait-secs",
-                "SQS_WAIT_SECS",
-                format!("must be 0..=20, got {}", self.wait_secs),
-            ));
-        }
-        if !(1..=43_200).contains(&self.visibility_timeout_secs) {
-            return Err(invalid(
-                "--visibility-timeout-secs",
-                "SQS_VISIBILITY_TIMEOUT_SECS",
-                format!("must be 1..=43200, got {}", self.visibility_timeout_secs),
-            ));
-        }
-        if !(0..=43_200).contains(&self.retry_delay_secs) {
-            return Err(invalid(
-                "--retry-delay-secs",
-                "SQS_RETRY_DELAY_SECS",
-                format!("must be 0..=43200, got {}", self.retry_delay_secs),
-            ));
-        }
+        in_range(
+            self.concurrency,
+            1..=100,
+            "--concurrency",
+            "SQS_CONCURRENCY",
+        )?;
+        in_range(self.wait_secs, 0..=20, "--wait-secs", "SQS_WAIT_SECS")?;
+        in_range(
+            self.visibility_timeout_secs,
+            1..=43_200,
+            "--visibility-timeout-secs",
+            "SQS_VISIBILITY_TIMEOUT_SECS",
+        )?;
+        in_range(
+            self.retry_delay_secs,
+            0..=43_200,
+            "--retry-delay-secs",
+            "SQS_RETRY_DELAY_SECS",
+        )?;
         let metrics_addr = parse_metrics_addr(&self.metrics_addr)?;
         Ok((
             stream_actors::sqs_consumer::SqsConsumerArgs {
@@ -338,6 +329,23 @@ pub struct ProcessorConfig {
     pub metrics_addr: String,
 }
 
+/// Checks that a number lies in `range`; the error names the setting.
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    flag: &'static str,
+    env: &'static str,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(invalid(
+        flag,
+        env,
+        format!("must be {}..={}, got {value}", range.start(), range.end()),
+    ))
+}
+
 fn invalid(flag: &'static str, env: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         flag,
@@ -350,41 +358,26 @@ impl ProcessorConfig {
     /// Checks every value and builds the pipeline's configuration.
     pub fn validate(&self) -> Result<(PipelineConfig, Option<SocketAddr>), ConfigError> {
         self.connections.validate()?;
-        if !(1..=100_000).contains(&self.batch_size) {
-            return Err(invalid(
-                "--batch-size",
-                "BATCH_SIZE",
-                format!("must be 1..=100000, got {}", self.batch_size),
-            ));
-        }
-        if self.linger_ms > 60_000 {
-            return Err(invalid(
-                "--linger-ms",
-                "LINGER_MS",
-                format!("must be 0..=60000, got {}", self.linger_ms),
-            ));
-        }
-        if !(1..=100_000).contains(&self.mailbox_capacity) {
-            return Err(invalid(
-                "--mailbox-capacity",
-                "MAILBOX_CAPACITY",
-                format!("must be 1..=100000, got {}", self.mailbox_capacity),
-            ));
-        }
-        if !(10..=60_000).contains(&self.commit_interval_ms) {
-            return Err(invalid(
-                "--commit-interval-ms",
-                "COMMIT_INTERVAL_MS",
-                format!("must be 10..=60000, got {}", self.commit_interval_ms),
-            ));
-        }
-        if !(0..=1_000_000).contains(&self.fetch_rewind) {
-            return Err(invalid(
-                "--fetch-rewind",
-                "FETCH_REWIND",
-                format!("must be 0..=1000000, got {}", self.fetch_rewind),
-            ));
-        }
+        in_range(self.batch_size, 1..=100_000, "--batch-size", "BATCH_SIZE")?;
+        in_range(self.linger_ms, 0..=60_000, "--linger-ms", "LINGER_MS")?;
+        in_range(
+            self.mailbox_capacity,
+            1..=100_000,
+            "--mailbox-capacity",
+            "MAILBOX_CAPACITY",
+        )?;
+        in_range(
+            self.commit_interval_ms,
+            10..=60_000,
+            "--commit-interval-ms",
+            "COMMIT_INTERVAL_MS",
+        )?;
+        in_range(
+            self.fetch_rewind,
+            0..=1_000_000,
+            "--fetch-rewind",
+            "FETCH_REWIND",
+        )?;
         let mut accepted_schema_versions = Vec::new();
         for text in &self.accepted_schema_versions {
             let version = text.trim().parse::<u32>().map_err(|_| {
