@@ -28,26 +28,8 @@ VENV="$ROOT/.services/venv-k8s"
 BIN_DIR="${BIN_DIR:-$ROOT/target/debug}"
 OVERLAY="k8s/overlays/local"
 
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
-
-passed=0
-failed=0
-
-# check NAME COMMAND...: runs COMMAND, prints "ok" or "FAIL" with NAME, and on
-# failure the command's output, indented.
-check() {
-  local name="$1"
-  shift
-  if "$@" >"$WORK/out" 2>&1; then
-    passed=$((passed + 1))
-    printf 'ok   %s\n' "$name"
-  else
-    failed=$((failed + 1))
-    printf 'FAIL %s\n' "$name"
-    sed 's/^/     /' "$WORK/out"
-  fi
-}
+# shellcheck source-path=SCRIPTDIR source=lib/checks.sh
+source "$ROOT/scripts/lib/checks.sh"
 
 fail() {
   failed=$((failed + 1))
@@ -262,7 +244,7 @@ for script in ${inline[@]+"${inline[@]}"}; do
 done
 if command -v shellcheck >/dev/null 2>&1; then
   for script in "${scripts[@]}"; do
-    check "shellcheck $script" shellcheck "$script"
+    check "shellcheck $script" shellcheck -x "$script"
   done
   for script in ${inline[@]+"${inline[@]}"}; do
     check "shellcheck inline script of $(basename "$script" .sh)" shellcheck "$script"

@@ -21,26 +21,8 @@ AM_CONFIG="$OBS/alertmanager/alertmanager.yml"
 DASH_DIR="$OBS/grafana/dashboards"
 EXPORTED="$OBS/exported-metrics.txt"
 
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
-
-passed=0
-failed=0
-
-# check NAME COMMAND...: runs COMMAND, prints "ok" or "FAIL" with NAME, and on
-# failure the command's output, indented.
-check() {
-  local name="$1"
-  shift
-  if "$@" >"$WORK/out" 2>&1; then
-    passed=$((passed + 1))
-    printf 'ok   %s\n' "$name"
-  else
-    failed=$((failed + 1))
-    printf 'FAIL %s\n' "$name"
-    sed 's/^/     /' "$WORK/out"
-  fi
-}
+# shellcheck source-path=SCRIPTDIR source=lib/checks.sh
+source "$ROOT/scripts/lib/checks.sh"
 
 apt_lists_empty() {
   ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null

@@ -28,6 +28,15 @@ use crate::inspect::{read_topic, ReadRecord};
 /// Names the dead letter a replayed record came from: `topic/partition/offset`.
 pub const REPLAY_OF_HEADER: &str = "dlq.replay.of";
 
+/// Reads the whole dead-letter topic named by `connections`.
+pub fn read_dead_letters(connections: &ConnectionArgs) -> anyhow::Result<Vec<ReadRecord>> {
+    read_topic(
+        &connections.brokers,
+        &connections.dlq_topic,
+        Duration::from_secs(120),
+    )
+}
+
 /// Which dead letters a command looks at.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct DlqFilter {
@@ -205,11 +214,7 @@ pub async fn replay(
     max_replays: u32,
     execute: bool,
 ) -> anyhow::Result<ReplayOutcome> {
-    let records = read_topic(
-        &connections.brokers,
-        &connections.dlq_topic,
-        Duration::from_secs(120),
-    )?;
+    let records = read_dead_letters(connections)?;
     let postgres = connect_postgres(&connections.postgres_url).await?;
     postgres
         .batch_execute(

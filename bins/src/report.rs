@@ -134,11 +134,7 @@ pub async fn gather(connections: &ConnectionArgs) -> anyhow::Result<Report> {
     .await?;
     let postgres = inspect::postgres_counts(&connections.postgres_url).await?;
     let clickhouse = inspect::clickhouse_counts(&connections.pipeline_config()).await?;
-    let dead_letters = inspect::read_topic(
-        &connections.brokers,
-        &connections.dlq_topic,
-        Duration::from_secs(120),
-    )?;
+    let dead_letters = crate::dlq::read_dead_letters(connections)?;
     let mut dead_lettered_by_type = BTreeMap::new();
     let mut seen_sources = std::collections::HashSet::new();
     let mut dead_lettered = 0u64;

@@ -220,11 +220,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<i32> {
             json,
         } => {
             config_or_exit(connections.validate());
-            let records = stream_bins::inspect::read_topic(
-                &connections.brokers,
-                &connections.dlq_topic,
-                Duration::from_secs(120),
-            )?;
+            let records = stream_bins::dlq::read_dead_letters(&connections)?;
             let stats = stream_bins::dlq::stats(&records, &connections.topic, &filter);
             if json {
                 println!("{}", serde_json::to_string(&stats)?);
@@ -252,11 +248,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<i32> {
             limit,
         } => {
             config_or_exit(connections.validate());
-            let records = stream_bins::inspect::read_topic(
-                &connections.brokers,
-                &connections.dlq_topic,
-                Duration::from_secs(120),
-            )?;
+            let records = stream_bins::dlq::read_dead_letters(&connections)?;
             for record in records
                 .iter()
                 .filter(|record| filter.accepts(record, &connections.topic))
