@@ -87,6 +87,13 @@ pid_of() { # pidfile pattern
     echo "$pid"
 }
 
+# True while the process whose pid is in the pidfile exists.
+pid_alive() { # pidfile
+    local pid
+    pid="$(cat "$1" 2>/dev/null || true)"
+    [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+}
+
 # wait_healthy service deadline_s health_fn pidfile pattern logs...
 # Polls health_fn until it succeeds; fails early if the process died.
 wait_healthy() {
@@ -94,7 +101,9 @@ wait_healthy() {
     local deadline=$((SECONDS + timeout))
     shift 5
     while ! "$check"; do
-        if [[ -n "$pidfile" ]] && ! pid_of "$pidfile" "$pattern" >/dev/null; then
+        # Alive, not "matches the pattern": right after the start the pid may
+        # still be the forked shell, before it execs the server.
+        if [[ -n "$pidfile" ]] && ! pid_alive "$pidfile"; then
             fail_start "$svc" "$@"
         fi
         if ((SECONDS >= deadline)); then
