@@ -174,6 +174,8 @@ apt_install() {
             die "apt: apt-get install $* failed"
         }
     fi
+    # The downloaded .deb files (ClickHouse's are large) are not needed again.
+    as_root apt-get clean >/dev/null 2>&1 || true
 }
 
 install_missing() {

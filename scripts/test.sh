@@ -7,6 +7,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
+# Incremental caches only help a developer's rebuilds; on CI they are
+# gigabytes of disk for nothing.
+if [[ -n "${CI:-}" ]]; then export CARGO_INCREMENTAL=0; fi
+disk() { df -h --output=avail,target "$ROOT" | tail -1 | awk '{print "test: disk free: " $1 " on " $2}' >&2; }
+disk
+
 echo "test: starting local services" >&2
 bash scripts/services.sh up
 
@@ -23,6 +29,7 @@ echo "test: kubernetes manifests (kustomize, schemas, policy; reads the binaries
 cargo build --workspace
 bash scripts/check-k8s.sh
 
+disk
 echo "test: cargo test (integration tests run one at a time: 2 cores)" >&2
 LOG="$(mktemp)"
 trap 'rm -f "$LOG"' EXIT

@@ -11,12 +11,21 @@
 //! checkpoint first and commits to Kafka second: the checkpoint is the truth,
 //! the Kafka commit a courtesy for tools that read consumer-group offsets.
 //!
-//! If it fails (PostgreSQL gone), it stops without committing further; what
-//! was acknowledged but not persisted is replayed after a restart and absorbed
-//! by the idempotent sinks.
+//! If PostgreSQL is gone the checkpoint simply does not move (the failure is
+//! counted and the next tick tries again on a new connection); what was
+//! acknowledged but not persisted is replayed after a crash and absorbed by
+//! the idempotent sinks.
+//!
+//! On a rebalance, the consumer's rebalance callback asks it to `Revoke`
+//! partitions and waits for the answer before the partitions go to another
+//! member: it waits until everything in flight for them is acknowledged (or a
+//! deadline passes), persists and commits that, and forgets them, so work in
+//! flight for a revoked partition is either completed and committed or dropped
+//! without committing. Late acknowledgements for them are ignored.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -24,6 +33,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, warn};
 
 use crate::consumer::CheckpointingContext;
+use crate::faults::{CrashPoint, Faults};
 use crate::metrics as names;
 use crate::models::{AckSource, SourcePosition};
 use crate::storage::CheckpointStore;
@@ -39,8 +49,13 @@ pub struct CommitterArgs {
     /// The consumer, to commit offsets to Kafka after the checkpoint.
     pub consumer: Arc<BaseConsumer<CheckpointingContext>>,
     /// How often to persist and commit.
-    pub commit_interval: std::time::Duration,
+    pub commit_interval: Duration,
+    /// Injected faults.
+    pub faults: Arc<Faults>,
 }
+
+/// How long a revoke waits for the revoked partitions' work in flight.
+pub const REVOKE_DRAIN_DEADLINE: Duration = Duration::from_secs(8);
 
 /// Messages the committer handles. None of them go through a bounded
 /// mailbox: their number is bounded by the records in flight, which the data
@@ -56,8 +71,10 @@ pub enum CommitterMsg {
         /// What is acknowledged.
         positions: Vec<SourcePosition>,
     },
-    /// Partitions taken away by a rebalance: commit what is done, forget the rest.
-    Revoked(Vec<i32>),
+    /// Partitions taken away by a rebalance: wait for their work in flight
+    /// (up to [`REVOKE_DRAIN_DEADLINE`]), commit what is done, forget the
+    /// rest, then reply.
+    Revoke(Vec<i32>, RpcReplyPort<()>),
     /// Time to persist the checkpoint and commit.
     Tick,
     /// Persist and commit now, then reply.
@@ -128,9 +145,52 @@ pub struct CommitterState {
     partitions: BTreeMap<i32, PartitionProgress>,
     /// Checkpoints persisted so far.
     checkpoints_persisted: u64,
+    /// A revoke waiting for its partitions' work in flight.
+    revoking: Option<PendingRevoke>,
+}
+
+/// A revoke that waits for acknowledgements.
+struct PendingRevoke {
+    partitions: Vec<i32>,
+    deadline: Instant,
+    reply: RpcReplyPort<()>,
 }
 
 impl CommitterState {
+    fn in_flight_of(&self, partitions: &[i32]) -> usize {
+        partitions
+            .iter()
+            .filter_map(|partition| self.partitions.get(partition))
+            .map(|progress| progress.pending.len())
+            .sum()
+    }
+
+    /// Finishes the pending revoke if its partitions are drained or its
+    /// deadline passed: persists what is done, forgets them, replies.
+    async fn settle_revoke(&mut self) {
+        let ready = self.revoking.as_ref().is_some_and(|revoke| {
+            self.in_flight_of(&revoke.partitions) == 0 || Instant::now() >= revoke.deadline
+        });
+        if !ready {
+            return;
+        }
+        let revoke = self.revoking.take().expect("checked above");
+        let dropped = self.in_flight_of(&revoke.partitions);
+        if dropped > 0 {
+            warn!(
+                dropped,
+                partitions = ?revoke.partitions,
+                "revoke deadline passed; work in flight for revoked partitions dropped uncommitted"
+            );
+        }
+        self.persist_and_commit(Some(&revoke.partitions)).await;
+        for partition in &revoke.partitions {
+            self.partitions.remove(partition);
+        }
+        tracing::info!(partitions = ?revoke.partitions, "revoked partitions committed and released");
+        let _ = revoke.reply.send(());
+    }
+
     fn in_flight(&self) -> usize {
         self.partitions
             .values()
@@ -138,8 +198,10 @@ impl CommitterState {
             .sum()
     }
 
-    /// Persists every partition that moved, then commits them to Kafka.
-    async fn persist_and_commit(&mut self, only: Option<&[i32]>) -> Result<(), ActorProcessingErr> {
+    /// Persists every partition that moved, then commits them to Kafka. A
+    /// failed persist leaves the checkpoint where it was (the next call tries
+    /// again); returns whether the checkpoint is now up to date.
+    async fn persist_and_commit(&mut self, only: Option<&[i32]>) -> bool {
         let moved: Vec<(i32, i64)> = self
             .partitions
             .iter()
@@ -150,12 +212,19 @@ impl CommitterState {
             })
             .collect();
         if moved.is_empty() {
-            return Ok(());
+            return true;
         }
-        self.args
+        if let Err(persist_error) = self
+            .args
             .store
             .persist(&self.args.group_id, &self.args.topic, &moved)
-            .await?;
+            .await
+        {
+            metrics::counter!(names::CHECKPOINT_FAILURES).increment(1);
+            warn!(%persist_error, "checkpoint not persisted; retrying on the next tick");
+            return false;
+        }
+        self.args.faults.reached(CrashPoint::AfterCheckpoint);
         self.checkpoints_persisted += 1;
         metrics::counter!(names::CHECKPOINTS_PERSISTED).increment(1);
         let mut offsets = TopicPartitionList::new();
@@ -165,14 +234,18 @@ impl CommitterState {
             }
             metrics::gauge!(names::CHECKPOINT_OFFSET, "partition" => partition.to_string())
                 .set(*next as f64);
-            offsets.add_partition_offset(&self.args.topic, *partition, Offset::Offset(*next))?;
+            if let Err(error) =
+                offsets.add_partition_offset(&self.args.topic, *partition, Offset::Offset(*next))
+            {
+                warn!(%error, partition, "cannot build the kafka commit");
+            }
         }
         if let Err(error) = self.args.consumer.commit(&offsets, CommitMode::Async) {
             // The checkpoint is persisted; Kafka catches up on the next tick.
             warn!(%error, "kafka commit failed after checkpoint was persisted");
         }
         debug!(partitions = moved.len(), "checkpoint persisted");
-        Ok(())
+        true
     }
 }
 
@@ -190,10 +263,12 @@ impl Actor for CommitterActor {
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         myself.send_interval(args.commit_interval, || CommitterMsg::Tick);
+        metrics::counter!(names::CHECKPOINT_FAILURES).increment(0);
         Ok(CommitterState {
             args,
             partitions: BTreeMap::new(),
             checkpoints_persisted: 0,
+            revoking: None,
         })
     }
 
@@ -203,6 +278,7 @@ impl Actor for CommitterActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        state.args.faults.panic_if_armed("committer");
         match message {
             CommitterMsg::Track(positions) => {
                 for position in positions {
@@ -232,16 +308,28 @@ impl Actor for CommitterActor {
                     );
                 }
                 metrics::gauge!(names::IN_FLIGHT).set(state.in_flight() as f64);
+                state.settle_revoke().await;
             }
-            CommitterMsg::Revoked(revoked) => {
-                state.persist_and_commit(Some(&revoked)).await?;
-                for partition in revoked {
-                    state.partitions.remove(&partition);
+            CommitterMsg::Revoke(partitions, reply) => {
+                if let Some(earlier) = state.revoking.take() {
+                    // Cannot happen (the callback waits for each answer); answer it anyway.
+                    let _ = earlier.reply.send(());
                 }
+                state.revoking = Some(PendingRevoke {
+                    partitions,
+                    deadline: Instant::now() + REVOKE_DRAIN_DEADLINE,
+                    reply,
+                });
+                state.settle_revoke().await;
             }
-            CommitterMsg::Tick => state.persist_and_commit(None).await?,
+            CommitterMsg::Tick => {
+                state.persist_and_commit(None).await;
+                state.settle_revoke().await;
+            }
             CommitterMsg::Flush(reply) => {
-                state.persist_and_commit(None).await?;
+                if !state.persist_and_commit(None).await {
+                    return Err("final checkpoint could not be persisted".into());
+                }
                 let _ = reply.send(());
             }
             CommitterMsg::Status(reply) => {

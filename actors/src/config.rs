@@ -37,6 +37,11 @@ pub struct PipelineConfig {
     /// drops, to reach the start of the record batch holding the checkpoint
     /// (needed on Tansu; 0 is right for Kafka and Redpanda). See `consumer`.
     pub fetch_rewind: i64,
+    /// Whether replays are absorbed: unique `event_id` in PostgreSQL,
+    /// ReplacingMergeTree in ClickHouse, read-back in the DLQ writer. Only the
+    /// recovery tests' negative control turns it off (on fresh databases), to
+    /// show that the tests would catch the duplicates.
+    pub dedup: bool,
 }
 
 impl PipelineConfig {
@@ -58,6 +63,7 @@ impl PipelineConfig {
             commit_interval: Duration::from_millis(200),
             accepted_schema_versions: vec![1],
             fetch_rewind: 10_000,
+            dedup: true,
         }
     }
 }

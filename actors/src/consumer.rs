@@ -39,8 +39,9 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
-use crate::committer::CommitterMsg;
+use crate::committer::{CommitterMsg, REVOKE_DRAIN_DEADLINE};
 use crate::config::PipelineConfig;
+use crate::dlq_writer::DlqWriterMsg;
 use crate::error::PipelineError;
 use crate::mailbox::BoundedSender;
 use crate::metrics as names;
@@ -78,6 +79,8 @@ pub struct CheckpointingContext {
     fetch_rewind: i64,
     /// Per assigned partition, the checkpoint: records below it are dropped.
     floors: Mutex<HashMap<i32, i64>>,
+    /// The committer, asked to settle revoked partitions before they go.
+    committer: Mutex<Option<ActorRef<CommitterMsg>>>,
 }
 
 impl CheckpointingContext {
@@ -99,6 +102,57 @@ impl CheckpointingContext {
             .unwrap_or_else(|poison| poison.into_inner())
             .get(&partition)
             .is_some_and(|floor| offset < *floor)
+    }
+
+    /// From now on, revokes wait for the committer to settle the partitions.
+    pub fn attach_committer(&self, committer: ActorRef<CommitterMsg>) {
+        *self
+            .committer
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Some(committer);
+    }
+
+    /// Revokes no longer wait (the pipeline is being torn down).
+    pub fn detach_committer(&self) {
+        self.committer
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take();
+    }
+
+    /// Asks the committer to settle revoked partitions and waits for it, from
+    /// a thread of its own (the callback runs inside librdkafka's poll).
+    fn settle_revoked(&self, partitions: &[i32]) {
+        let Some(committer) = self
+            .committer
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        let partitions = partitions.to_vec();
+        let outcome = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    self.runtime.block_on(async move {
+                        ractor::call_t!(
+                            committer,
+                            CommitterMsg::Revoke,
+                            (REVOKE_DRAIN_DEADLINE + Duration::from_secs(2)).as_millis() as u64,
+                            partitions
+                        )
+                    })
+                })
+                .join()
+        });
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(call_error)) => {
+                warn!(%call_error, "committer did not settle revoked partitions; their uncommitted work replays elsewhere");
+            }
+            Err(_) => warn!("revoke settling thread panicked"),
+        }
     }
 
     fn push_notice(&self, notice: RebalanceNotice) {
@@ -200,7 +254,8 @@ impl ConsumerContext for CheckpointingContext {
                     .iter()
                     .map(|element| element.partition())
                     .collect();
-                info!(?revoked, "partitions revoked");
+                info!(?revoked, "partitions revoked; settling work in flight");
+                self.settle_revoked(&revoked);
                 self.push_notice(RebalanceNotice::Revoked(revoked));
                 if let Err(unassign_error) = base_consumer.unassign() {
                     error!(%unassign_error, "unassign failed");
@@ -228,6 +283,7 @@ pub fn create_consumer(
         notices: Mutex::new(Vec::new()),
         fetch_rewind: config.fetch_rewind,
         floors: Mutex::new(HashMap::new()),
+        committer: Mutex::new(None),
     };
     let consumer: BaseConsumer<CheckpointingContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
@@ -256,6 +312,10 @@ pub struct ConsumerArgs {
     pub parser: BoundedSender<ParserMsg>,
     /// The committer, told what is handed out.
     pub committer: ActorRef<CommitterMsg>,
+    /// The DLQ writer, told each assignment's checkpoints before any record.
+    pub dlq_writer: ActorRef<DlqWriterMsg>,
+    /// Injected faults.
+    pub faults: Arc<crate::faults::Faults>,
 }
 
 /// Messages the consumer handles.
@@ -304,6 +364,7 @@ impl Actor for ConsumerActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        state.args.faults.panic_if_armed("consumer");
         match message {
             ConsumerMsg::Poll => {
                 let consumer = state.args.consumer.clone();
@@ -312,11 +373,20 @@ impl Actor for ConsumerActor {
                     tokio::task::spawn_blocking(move || poll_batch(&consumer, batch_size))
                         .await??;
                 for notice in state.args.consumer.context().take_notices() {
-                    if let RebalanceNotice::Revoked(partitions) = notice {
-                        state
+                    match notice {
+                        // Before any record of these partitions goes out.
+                        RebalanceNotice::Assigned(assigned) => state
                             .args
-                            .committer
-                            .cast(CommitterMsg::Revoked(partitions))?;
+                            .dlq_writer
+                            .cast(DlqWriterMsg::Assigned(assigned))?,
+                        // Already settled with the committer inside the callback.
+                        RebalanceNotice::Revoked(_) => {}
+                        RebalanceNotice::CheckpointUnavailable(reason) => {
+                            return Err(format!(
+                                "partitions assigned but the checkpoint cannot be read: {reason}"
+                            )
+                            .into());
+                        }
                     }
                 }
                 if !records.is_empty() {

@@ -9,7 +9,18 @@
 //! time ([`DLQ_HEADERS`]). A failed delivery is retried with backoff and never
 //! acknowledged, so the committed offset cannot pass a poison message that is
 //! not safely in the dead-letter topic.
+//!
+//! No duplicates after a crash: whatever was dead-lettered past the checkpoint
+//! before a crash is replayed after it. So whenever partitions are assigned
+//! (at every start, and in every rebalance) the consumer tells this actor the
+//! checkpoint of each (`Assigned`), before it hands out any of their records;
+//! the writer reads the dead-letter topic back and remembers which source
+//! positions at or past the checkpoint it already holds, and skips those. The
+//! read-back sees every earlier delivery: a dead process delivers nothing more,
+//! and a restart within the process flushes the producer first.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
@@ -18,10 +29,11 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::committer::CommitterMsg;
 use crate::error::PipelineError;
+use crate::faults::Faults;
 use crate::mailbox::MailboxPermit;
 use crate::metrics as names;
 use crate::models::{AckSource, PoisonRecord};
@@ -70,6 +82,13 @@ pub struct DlqWriterArgs {
     pub dlq_topic: String,
     /// Told what is delivered.
     pub committer: ActorRef<CommitterMsg>,
+    /// Brokers, to read the dead-letter topic back.
+    pub brokers: String,
+    /// Whether to skip what the dead-letter topic already holds (off only in
+    /// the recovery tests' negative control).
+    pub dedup: bool,
+    /// Injected faults.
+    pub faults: Arc<Faults>,
 }
 
 /// Messages the DLQ writer handles.
@@ -82,11 +101,48 @@ pub enum DlqWriterMsg {
         /// This message's slot in the DLQ writer's mailbox.
         permit: MailboxPermit,
     },
+    /// These partitions were assigned at these checkpoints (next offset to
+    /// read; `None`: from the start): read back what is already dead-lettered.
+    Assigned(Vec<(i32, Option<i64>)>),
 }
 
-/// The DLQ writer's state: its arguments.
+/// The DLQ writer's state.
 pub struct DlqWriterState {
     args: DlqWriterArgs,
+    /// Source positions (partition, offset) at or past the checkpoint that the
+    /// dead-letter topic already holds.
+    already_written: HashSet<(i32, i64)>,
+}
+
+/// Reads the dead-letter topic and returns the source positions of `topic`
+/// it holds at or past each assigned partition's checkpoint.
+pub fn read_back(
+    brokers: &str,
+    dlq_topic: &str,
+    source_topic: &str,
+    floors: &HashMap<i32, i64>,
+) -> anyhow::Result<HashSet<(i32, i64)>> {
+    let records = crate::topic::read_topic(brokers, dlq_topic, Duration::from_secs(60))?;
+    let mut written = HashSet::new();
+    for record in &records {
+        if record.header("dlq.source.topic") != Some(source_topic) {
+            continue;
+        }
+        let position = record
+            .header("dlq.source.partition")
+            .and_then(|text| text.parse::<i32>().ok())
+            .zip(
+                record
+                    .header("dlq.source.offset")
+                    .and_then(|text| text.parse::<i64>().ok()),
+            );
+        if let Some((partition, offset)) = position {
+            if floors.get(&partition).is_some_and(|floor| offset >= *floor) {
+                written.insert((partition, offset));
+            }
+        }
+    }
+    Ok(written)
 }
 
 impl DlqWriterState {
@@ -164,7 +220,11 @@ impl Actor for DlqWriterActor {
         for kind in crate::parse::PoisonKind::ALL {
             metrics::counter!(names::DLQ_MESSAGES, "error_type" => kind.label()).increment(0);
         }
-        Ok(DlqWriterState { args })
+        metrics::counter!(names::DLQ_DUPLICATES_SKIPPED).increment(0);
+        Ok(DlqWriterState {
+            args,
+            already_written: HashSet::new(),
+        })
     }
 
     async fn handle(
@@ -173,10 +233,57 @@ impl Actor for DlqWriterActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        state.args.faults.panic_if_armed("dlq_writer");
         match message {
+            DlqWriterMsg::Assigned(assigned) => {
+                if !state.args.dedup {
+                    return Ok(());
+                }
+                let floors: HashMap<i32, i64> = assigned
+                    .iter()
+                    .map(|(partition, next)| (*partition, next.unwrap_or(0)))
+                    .collect();
+                let (brokers, dlq_topic, source_topic) = (
+                    state.args.brokers.clone(),
+                    state.args.dlq_topic.clone(),
+                    state.args.source_topic.clone(),
+                );
+                let found = tokio::task::spawn_blocking(move || {
+                    read_back(&brokers, &dlq_topic, &source_topic, &floors)
+                })
+                .await??;
+                let partitions: HashSet<i32> =
+                    assigned.iter().map(|(partition, _)| *partition).collect();
+                state
+                    .already_written
+                    .retain(|(partition, _)| !partitions.contains(partition));
+                info!(
+                    partitions = partitions.len(),
+                    already_dead_lettered = found.len(),
+                    "read back the dead-letter topic past the checkpoint"
+                );
+                state.already_written.extend(found);
+            }
             DlqWriterMsg::Write { records, permit } => {
                 let positions: Vec<_> = records.iter().map(|record| record.raw.position).collect();
-                let mut remaining = records;
+                let before = records.len();
+                let mut remaining: Vec<PoisonRecord> = records
+                    .into_iter()
+                    .filter(|record| {
+                        let position = record.raw.position;
+                        !state
+                            .already_written
+                            .contains(&(position.partition, position.offset))
+                    })
+                    .collect();
+                let skipped = before - remaining.len();
+                if skipped > 0 {
+                    metrics::counter!(names::DLQ_DUPLICATES_SKIPPED).increment(skipped as u64);
+                    info!(
+                        skipped,
+                        "dead letters already in the topic, not written again"
+                    );
+                }
                 let mut backoff = FIRST_BACKOFF;
                 loop {
                     remaining = state.produce(remaining).await;

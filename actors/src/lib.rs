@@ -15,13 +15,18 @@
 //! - [`consumer`], [`parser`], [`sink`], [`dlq_writer`], [`committer`]: one actor each.
 //! - [`sqs`], [`sqs_consumer`], [`order`]: the SQS side: queue plumbing, the
 //!   consumer actor whose poison the broker redrives, and the order parser.
+//! - [`breaker`]: the sink's circuit breaker per store.
+//! - [`faults`]: injected panics and crash points for the recovery tests and demo.
+//! - [`topic`]: reading a topic back (true end offsets, every record).
 //! - [`config`], [`error`], [`metrics`]: configuration, the error type, metric names.
 
+pub mod breaker;
 pub mod committer;
 pub mod config;
 pub mod consumer;
 pub mod dlq_writer;
 pub mod error;
+pub mod faults;
 pub mod mailbox;
 pub mod metrics;
 pub mod models;
@@ -32,6 +37,7 @@ pub mod sink;
 pub mod sqs;
 pub mod sqs_consumer;
 pub mod storage;
+pub mod topic;
 
 pub use config::PipelineConfig;
 pub use error::PipelineError;

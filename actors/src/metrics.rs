@@ -44,3 +44,13 @@ pub const ACTOR_RESTARTS: &str = "stream_actor_restarts_total";
 pub const SQS_VISIBILITY_EXTENSIONS: &str = "sqs_visibility_extensions_total";
 /// Seconds from the Kafka record timestamp to the sink's acknowledgement (histogram).
 pub const END_TO_END_LATENCY: &str = "stream_end_to_end_latency_seconds";
+/// A store's circuit breaker in the sink: 0 closed, 1 half-open, 2 open (gauge, label `store`).
+pub const CIRCUIT_BREAKER_STATE: &str = "stream_circuit_breaker_state";
+/// Dead letters not written again because the dead-letter topic already holds
+/// them (a replay after a crash) (counter).
+pub const DLQ_DUPLICATES_SKIPPED: &str = "stream_dlq_duplicates_skipped_total";
+/// Checkpoint writes that failed; the checkpoint stays where it was and the
+/// next tick tries again (counter).
+pub const CHECKPOINT_FAILURES: &str = "stream_checkpoint_failures_total";
+/// Pipeline restarts by the supervisor after a child failed (counter).
+pub const PIPELINE_RESTARTS: &str = "stream_pipeline_restarts_total";

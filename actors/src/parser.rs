@@ -30,6 +30,8 @@ pub struct ParserArgs {
     pub sink: BoundedSender<SinkMsg>,
     /// The DLQ writer's bounded mailbox.
     pub dlq_writer: BoundedSender<DlqWriterMsg>,
+    /// Injected faults.
+    pub faults: std::sync::Arc<crate::faults::Faults>,
 }
 
 /// Messages the parser handles.
@@ -96,6 +98,7 @@ impl Actor for ParserActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        state.args.faults.panic_if_armed("parser");
         match message {
             ParserMsg::Parse { records, permit } => {
                 state.args.rules.now_ms = SystemTime::now()

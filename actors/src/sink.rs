@@ -8,28 +8,29 @@
 //! so the mailbox bound also bounds the buffer. Writes are idempotent (see
 //! [`crate::storage`]), so a replay after a crash stores nothing twice.
 //!
-//! A failed write is retried with exponential backoff, reconnecting first,
-//! for as long as it takes: while it retries the sink takes no new messages,
-//! its mailbox fills and intake pauses all the way back to Kafka. A valid
-//! event is never dead-lettered because a store is down.
+//! A failed write is retried, reconnecting first, for as long as it takes,
+//! behind a circuit breaker per store ([`crate::breaker`]): after a few
+//! failures in a row the breaker opens and no write is tried until its period
+//! (growing, with jitter) is over. While it retries the sink takes no new
+//! messages, its mailbox fills and intake pauses all the way back to Kafka. A
+//! valid event is never dead-lettered because a store is down. A store that
+//! already holds the batch is not written again on the retry.
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{info, warn};
 
+use crate::breaker::CircuitBreaker;
 use crate::committer::CommitterMsg;
 use crate::config::PipelineConfig;
 use crate::error::PipelineError;
+use crate::faults::{CrashPoint, Faults};
 use crate::mailbox::MailboxPermit;
 use crate::metrics as names;
 use crate::models::{AckSource, ValidRecord};
 use crate::storage::{ClickHouseEvents, PostgresEvents};
-
-/// The first retry waits this long; each next one twice as long.
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Retries never wait longer than this.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What the sink starts with.
 pub struct SinkArgs {
@@ -37,6 +38,8 @@ pub struct SinkArgs {
     pub config: PipelineConfig,
     /// Told what is stored.
     pub committer: ActorRef<CommitterMsg>,
+    /// Injected faults.
+    pub faults: Arc<Faults>,
 }
 
 /// Messages the sink handles.
@@ -66,6 +69,16 @@ pub struct SinkState {
     buffered_permits: Vec<MailboxPermit>,
     /// Whether a `Flush` is already scheduled.
     flush_scheduled: bool,
+    /// One breaker per store.
+    postgres_breaker: CircuitBreaker,
+    clickhouse_breaker: CircuitBreaker,
+}
+
+/// Which store a write failed in.
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    Postgres,
+    ClickHouse,
 }
 
 impl SinkState {
@@ -74,16 +87,28 @@ impl SinkState {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let mut backoff = FIRST_BACKOFF;
         let mut attempt = 0u32;
+        let mut postgres_done = false;
         loop {
+            let wait = self
+                .postgres_breaker
+                .wait()
+                .max(self.clickhouse_breaker.wait());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+                continue;
+            }
             attempt += 1;
-            match self.try_write().await {
+            match self.try_write(&mut postgres_done).await {
                 Ok(()) => break,
-                Err(write_error) => {
-                    warn!(%write_error, attempt, backoff_ms = backoff.as_millis() as u64, "sink write failed, retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                Err((store, write_error)) => {
+                    warn!(%write_error, ?store, attempt, "sink write failed, retrying");
+                    match store {
+                        Store::Postgres => self.postgres_breaker.failed(),
+                        Store::ClickHouse => self.clickhouse_breaker.failed(),
+                    }
+                    // Closed breaker: a short pause before trying again.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
         }
@@ -94,6 +119,7 @@ impl SinkState {
                 "sink write succeeded after retries"
             );
         }
+        self.args.faults.reached(CrashPoint::AfterDbWrite);
         let stored = std::mem::take(&mut self.buffer);
         metrics::counter!(names::EVENTS_PROCESSED).increment(stored.len() as u64);
         let now_ms = std::time::SystemTime::now()
@@ -113,26 +139,37 @@ impl SinkState {
         Ok(())
     }
 
-    async fn try_write(&mut self) -> Result<(), PipelineError> {
-        if self.postgres.is_none() {
-            self.postgres = Some(PostgresEvents::connect(&self.args.config.postgres_url).await?);
+    /// One attempt: PostgreSQL (unless it already holds the batch), then
+    /// ClickHouse.
+    async fn try_write(&mut self, postgres_done: &mut bool) -> Result<(), (Store, PipelineError)> {
+        if !*postgres_done {
+            if self.postgres.is_none() {
+                let config = &self.args.config;
+                let connected = PostgresEvents::connect(&config.postgres_url, config.dedup)
+                    .await
+                    .map_err(|error| (Store::Postgres, error))?;
+                self.postgres = Some(connected);
+            }
+            let postgres = self.postgres.as_ref().expect("connected above");
+            let started = Instant::now();
+            if let Err(postgres_error) = postgres.write(&self.buffer).await {
+                metrics::counter!(names::SINK_RETRIES, "store" => "postgres").increment(1);
+                self.postgres = None;
+                return Err((Store::Postgres, postgres_error));
+            }
+            metrics::histogram!(names::SINK_BATCH_SECONDS, "store" => "postgres")
+                .record(started.elapsed().as_secs_f64());
+            self.postgres_breaker.succeeded();
+            *postgres_done = true;
         }
-        let postgres = self.postgres.as_ref().expect("connected above");
-        let started = Instant::now();
-        if let Err(postgres_error) = postgres.write(&self.buffer).await {
-            metrics::counter!(names::SINK_RETRIES, "store" => "postgres").increment(1);
-            self.postgres = None;
-            return Err(postgres_error);
-        }
-        metrics::histogram!(names::SINK_BATCH_SECONDS, "store" => "postgres")
-            .record(started.elapsed().as_secs_f64());
         let started = Instant::now();
         if let Err(clickhouse_error) = self.clickhouse.write(&self.buffer).await {
             metrics::counter!(names::SINK_RETRIES, "store" => "clickhouse").increment(1);
-            return Err(clickhouse_error);
+            return Err((Store::ClickHouse, clickhouse_error));
         }
         metrics::histogram!(names::SINK_BATCH_SECONDS, "store" => "clickhouse")
             .record(started.elapsed().as_secs_f64());
+        self.clickhouse_breaker.succeeded();
         Ok(())
     }
 }
@@ -154,7 +191,8 @@ impl Actor for SinkActor {
         for store in ["postgres", "clickhouse"] {
             metrics::counter!(names::SINK_RETRIES, "store" => store).increment(0);
         }
-        let postgres = PostgresEvents::connect(&args.config.postgres_url).await?;
+        let postgres =
+            PostgresEvents::connect(&args.config.postgres_url, args.config.dedup).await?;
         let clickhouse = ClickHouseEvents::connect(&args.config).await?;
         Ok(SinkState {
             buffer: Vec::with_capacity(args.config.batch_size),
@@ -163,6 +201,8 @@ impl Actor for SinkActor {
             clickhouse,
             buffered_permits: Vec::new(),
             flush_scheduled: false,
+            postgres_breaker: CircuitBreaker::new("postgres"),
+            clickhouse_breaker: CircuitBreaker::new("clickhouse"),
         })
     }
 
@@ -172,6 +212,7 @@ impl Actor for SinkActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        state.args.faults.panic_if_armed("sink");
         match message {
             SinkMsg::Store { records, permit } => {
                 state.buffer.extend(records);

@@ -55,16 +55,19 @@ pub fn redact_url(url: &str) -> String {
 pub struct PostgresEvents {
     /// A dedicated connection; the sink writes one batch at a time.
     client: Client,
+    /// Whether `event_id` is unique (see [`PipelineConfig::dedup`]).
+    dedup: bool,
 }
 
 impl PostgresEvents {
     /// Connects and creates the table if it is missing.
-    pub async fn connect(url: &str) -> Result<PostgresEvents, PipelineError> {
+    pub async fn connect(url: &str, dedup: bool) -> Result<PostgresEvents, PipelineError> {
         let client = connect_postgres(url).await?;
+        let key = if dedup { "PRIMARY KEY" } else { "" };
         client
-            .batch_execute(
+            .batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS events (
-                    event_id UUID PRIMARY KEY,
+                    event_id UUID {key},
                     event_type TEXT NOT NULL,
                     user_id TEXT NOT NULL,
                     amount DOUBLE PRECISION NOT NULL,
@@ -74,10 +77,10 @@ impl PostgresEvents {
                     source_offset BIGINT NOT NULL,
                     stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
                 )",
-            )
+            ))
             .await
             .map_err(PipelineError::postgres("create table events"))?;
-        Ok(PostgresEvents { client })
+        Ok(PostgresEvents { client, dedup })
     }
 
     /// Stores a batch in one statement; events already there are skipped.
@@ -101,11 +104,16 @@ impl PostgresEvents {
             partitions.push(record.position.partition);
             offsets.push(record.position.offset);
         }
+        let on_conflict = if self.dedup {
+            "ON CONFLICT (event_id) DO NOTHING"
+        } else {
+            ""
+        };
         self.client
             .execute(
-                "INSERT INTO events (event_id, event_type, user_id, amount, ts_ms, schema_version, source_partition, source_offset)
+                &format!("INSERT INTO events (event_id, event_type, user_id, amount, ts_ms, schema_version, source_partition, source_offset)
                  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::int8[], $6::int4[], $7::int4[], $8::int8[])
-                 ON CONFLICT (event_id) DO NOTHING",
+                 {on_conflict}"),
                 &[&event_ids, &event_types, &user_ids, &amounts, &timestamps, &schema_versions, &partitions, &offsets],
             )
             .await
@@ -152,8 +160,13 @@ impl ClickHouseEvents {
     /// Creates the table if it is missing.
     pub async fn connect(config: &PipelineConfig) -> Result<ClickHouseEvents, PipelineError> {
         let client = ClickHouseEvents::client(config);
+        let engine = if config.dedup {
+            "ReplacingMergeTree()"
+        } else {
+            "MergeTree()"
+        };
         client
-            .query(
+            .query(&format!(
                 "CREATE TABLE IF NOT EXISTS events (
                     event_id String,
                     event_type String,
@@ -164,8 +177,8 @@ impl ClickHouseEvents {
                     source_partition Int32,
                     source_offset Int64,
                     stored_at DateTime DEFAULT now()
-                ) ENGINE = ReplacingMergeTree() ORDER BY event_id",
-            )
+                ) ENGINE = {engine} ORDER BY event_id",
+            ))
             .execute()
             .await
             .map_err(PipelineError::clickhouse(format!(
@@ -263,9 +276,13 @@ impl PostgresOrders {
 }
 
 /// The persisted checkpoint: per partition, the next offset to read.
+///
+/// Its connection is re-made on the next call after a failure, so a
+/// PostgreSQL restart pauses checkpoints instead of ending them.
 pub struct CheckpointStore {
-    /// A dedicated connection.
-    client: Client,
+    url: String,
+    /// A dedicated connection; `None` after a failure.
+    client: tokio::sync::Mutex<Option<Client>>,
 }
 
 impl CheckpointStore {
@@ -285,45 +302,85 @@ impl CheckpointStore {
             )
             .await
             .map_err(PipelineError::postgres("create table pipeline_checkpoints"))?;
-        Ok(CheckpointStore { client })
+        Ok(CheckpointStore {
+            url: url.to_string(),
+            client: tokio::sync::Mutex::new(Some(client)),
+        })
+    }
+
+    /// Runs `work` on the connection, connecting first if needed; a failure
+    /// drops the connection so the next call makes a new one.
+    async fn with_client<T, F>(&self, work: F) -> Result<T, PipelineError>
+    where
+        F: for<'c> FnOnce(
+            &'c Client,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, PipelineError>> + Send + 'c>,
+        >,
+    {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = Some(connect_postgres(&self.url).await?);
+        }
+        let result = work(guard.as_ref().expect("connected above")).await;
+        if result.is_err() {
+            *guard = None;
+        }
+        result
     }
 
     /// The next offset to read for every partition that has a checkpoint.
     pub async fn load(&self, group: &str, topic: &str) -> Result<HashMap<i32, i64>, PipelineError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT partition, next_offset FROM pipeline_checkpoints WHERE consumer_group = $1 AND topic = $2",
-                &[&group, &topic],
-            )
-            .await
-            .map_err(PipelineError::postgres("load checkpoint"))?;
-        Ok(rows
-            .iter()
-            .map(|row| (row.get::<_, i32>(0), row.get::<_, i64>(1)))
-            .collect())
+        let (group, topic) = (group.to_string(), topic.to_string());
+        self.with_client(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT partition, next_offset FROM pipeline_checkpoints WHERE consumer_group = $1 AND topic = $2",
+                        &[&group, &topic],
+                    )
+                    .await
+                    .map_err(PipelineError::postgres("load checkpoint"))?;
+                Ok(rows
+                    .iter()
+                    .map(|row| (row.get::<_, i32>(0), row.get::<_, i64>(1)))
+                    .collect())
+            })
+        })
+        .await
     }
 
     /// Persists the next offset of several partitions in one statement.
+    ///
+    /// A checkpoint never moves back: each value means "everything below is
+    /// stored", so the larger of the old and the new is still true. This
+    /// matters in a rebalance, where the previous owner of a partition may
+    /// persist late, after the new owner has moved on.
     pub async fn persist(
         &self,
         group: &str,
         topic: &str,
         positions: &[(i32, i64)],
     ) -> Result<(), PipelineError> {
+        let (group, topic) = (group.to_string(), topic.to_string());
         let partitions: Vec<i32> = positions.iter().map(|(partition, _)| *partition).collect();
         let offsets: Vec<i64> = positions.iter().map(|(_, offset)| *offset).collect();
-        self.client
-            .execute(
-                "INSERT INTO pipeline_checkpoints (consumer_group, topic, partition, next_offset)
-                 SELECT $1, $2, * FROM UNNEST($3::int4[], $4::int8[])
-                 ON CONFLICT (consumer_group, topic, partition)
-                 DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
-                &[&group, &topic, &partitions, &offsets],
-            )
-            .await
-            .map_err(PipelineError::postgres("persist checkpoint"))?;
-        Ok(())
+        self.with_client(move |client| {
+            Box::pin(async move {
+                client
+                    .execute(
+                        "INSERT INTO pipeline_checkpoints (consumer_group, topic, partition, next_offset)
+                         SELECT $1, $2, * FROM UNNEST($3::int4[], $4::int8[])
+                         ON CONFLICT (consumer_group, topic, partition)
+                         DO UPDATE SET next_offset = GREATEST(pipeline_checkpoints.next_offset, EXCLUDED.next_offset), updated_at = now()",
+                        &[&group, &topic, &partitions, &offsets],
+                    )
+                    .await
+                    .map_err(PipelineError::postgres("persist checkpoint"))?;
+                Ok(())
+            })
+        })
+        .await
     }
 }
 

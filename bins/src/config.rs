@@ -324,9 +324,21 @@ pub struct ProcessorConfig {
     /// Tansu needs (0..=1000000; 0 is right for Kafka and Redpanda).
     #[arg(long, env = "FETCH_REWIND", default_value_t = 10_000)]
     pub fetch_rewind: i64,
-    /// Address of the Prometheus `/metrics` endpoint; empty to disable.
+    /// Address of the admin endpoint: `/metrics`, `/healthz`, `/readyz`,
+    /// `/status`, `POST /actors/<name>/kill|panic`; empty to disable.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: String,
+    /// Restart intensity: at most this many pipeline restarts within
+    /// --restart-window-secs; one more and the process exits 1 (0..=1000).
+    #[arg(long, env = "MAX_RESTARTS", default_value_t = 10)]
+    pub max_restarts: usize,
+    /// The window of the restart intensity, in seconds (1..=3600).
+    #[arg(long, env = "RESTART_WINDOW_SECS", default_value_t = 60)]
+    pub restart_window_secs: u64,
+    /// Test only: store replays twice (no unique key, no DLQ read-back), on
+    /// fresh databases. The recovery tests' negative control.
+    #[arg(long, env = "STREAM_UNSAFE_DISABLE_DEDUP", hide = true)]
+    pub unsafe_disable_dedup: bool,
 }
 
 /// Checks that a number lies in `range`; the error names the setting.
@@ -355,6 +367,15 @@ fn invalid(flag: &'static str, env: &'static str, reason: impl Into<String>) -> 
 }
 
 impl ProcessorConfig {
+    /// The supervisor's restart policy (call after [`ProcessorConfig::validate`]).
+    pub fn restart_policy(&self) -> stream_supervisor::RestartPolicy {
+        stream_supervisor::RestartPolicy {
+            max_restarts: self.max_restarts,
+            window: Duration::from_secs(self.restart_window_secs),
+            ..stream_supervisor::RestartPolicy::default()
+        }
+    }
+
     /// Checks every value and builds the pipeline's configuration.
     pub fn validate(&self) -> Result<(PipelineConfig, Option<SocketAddr>), ConfigError> {
         self.connections.validate()?;
@@ -389,8 +410,21 @@ impl ProcessorConfig {
             })?;
             accepted_schema_versions.push(version);
         }
+        in_range(
+            self.max_restarts,
+            0..=1000,
+            "--max-restarts",
+            "MAX_RESTARTS",
+        )?;
+        in_range(
+            self.restart_window_secs,
+            1..=3600,
+            "--restart-window-secs",
+            "RESTART_WINDOW_SECS",
+        )?;
         let metrics_addr = parse_metrics_addr(&self.metrics_addr)?;
         let config = PipelineConfig {
+            dedup: !self.unsafe_disable_dedup,
             batch_size: self.batch_size,
             linger: Duration::from_millis(self.linger_ms),
             mailbox_capacity: self.mailbox_capacity,

@@ -1,5 +1,7 @@
 //! The binaries' logic, kept out of `main` so tests can call it.
 //!
+//! - [`admin`]: the processor's admin endpoint (metrics, probes, status, kill).
+//! - [`audit`]: `streamctl audit`, the topic reconciled with the stores and the DLQ.
 //! - [`chart`]: `streamctl chart`, a PNG of a run from Prometheus.
 //! - [`config`]: the processor's flags (and the connection flags `streamctl` shares).
 //! - [`processor`]: runs the pipeline until a signal or a failure.
@@ -11,6 +13,8 @@
 //! - [`dlq`]: `streamctl dlq stats|show|replay`.
 //! - [`scratch`]: private topics and databases for tests and measurements.
 
+pub mod admin;
+pub mod audit;
 pub mod chart;
 pub mod config;
 pub mod dlq;

@@ -2,30 +2,89 @@
 //! failure (exit 1, so that an orchestrator restarts it from the checkpoint).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use stream_actors::faults::Faults;
 use stream_actors::PipelineConfig;
-use stream_supervisor::{start_pipeline, PipelineExit};
+use stream_supervisor::{start_pipeline_with, PipelineExit, RestartPolicy};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
-/// Serves `/metrics` on `address`.
-pub fn install_metrics(address: SocketAddr) -> anyhow::Result<()> {
+fn metrics_builder() -> anyhow::Result<PrometheusBuilder> {
     PrometheusBuilder::new()
-        .with_http_listener(address)
         .set_buckets(&[
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ])
-        .map_err(|error| anyhow::anyhow!("histogram buckets: {error}"))?
+        .map_err(|error| anyhow::anyhow!("histogram buckets: {error}"))
+}
+
+/// Serves `/metrics` on `address`.
+pub fn install_metrics(address: SocketAddr) -> anyhow::Result<()> {
+    metrics_builder()?
+        .with_http_listener(address)
         .install()
         .map_err(|error| {
             anyhow::anyhow!("cannot serve metrics on --metrics-addr {address}: {error}")
         })
 }
 
-/// Runs the pipeline; returns the process exit code.
-pub async fn run(config: PipelineConfig) -> anyhow::Result<i32> {
-    let pipeline = start_pipeline(config).await?;
+/// Installs the metrics recorder without a listener (the admin endpoint
+/// renders it) and keeps its histograms tidy.
+fn install_recorder() -> anyhow::Result<PrometheusHandle> {
+    let handle = metrics_builder()?
+        .install_recorder()
+        .map_err(|error| anyhow::anyhow!("cannot install the metrics recorder: {error}"))?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            ticks.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+/// Runs the pipeline under its supervisor, with the admin endpoint (metrics,
+/// probes, kill) on `admin_addr`; returns the process exit code: 0 after a
+/// signal and a drain, 1 when the supervisor escalated, 2 when the admin
+/// address cannot be served or `STREAM_CRASH_AT` is malformed.
+pub async fn run(
+    config: PipelineConfig,
+    policy: RestartPolicy,
+    admin_addr: Option<SocketAddr>,
+) -> anyhow::Result<i32> {
+    let faults = match Faults::from_env() {
+        Ok(faults) => Arc::new(faults),
+        Err(fault_error) => {
+            eprintln!("error: {fault_error}");
+            return Ok(2);
+        }
+    };
+    let admin = match admin_addr {
+        Some(address) => {
+            let metrics = install_recorder()?;
+            match crate::admin::bind(address).await {
+                Ok(listener) => Some((listener, metrics)),
+                Err(bind_error) => {
+                    eprintln!("error: {bind_error}");
+                    return Ok(2);
+                }
+            }
+        }
+        None => None,
+    };
+    let pipeline = start_pipeline_with(config, policy, faults).await?;
+    if let Some((listener, metrics)) = admin {
+        let target = crate::admin::AdminTarget {
+            metrics,
+            supervisor: pipeline.supervisor.clone(),
+            exit: pipeline.exit.clone(),
+        };
+        tokio::spawn(crate::admin::serve(listener, target));
+    }
     let mut exit = pipeline.exit.clone();
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;

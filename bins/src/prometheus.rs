@@ -8,12 +8,21 @@ use std::time::Duration;
 /// A plain HTTP/1.0 GET on loopback; returns the status code and the body.
 /// Enough for `/metrics` and the Prometheus API without an HTTP client crate.
 pub fn http_get(address: &str, path_and_query: &str) -> std::io::Result<(u16, String)> {
+    http_request(address, "GET", path_and_query)
+}
+
+/// An HTTP/1.0 request without a body; returns the status code and the body.
+pub fn http_request(
+    address: &str,
+    method: &str,
+    path_and_query: &str,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(address)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
-        "GET {path_and_query} HTTP/1.0\r\nHost: {address}\r\n\r\n"
+        "{method} {path_and_query} HTTP/1.0\r\nHost: {address}\r\nContent-Length: 0\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;

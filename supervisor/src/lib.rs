@@ -1,34 +1,47 @@
 //! Supervision of the pipeline.
 //!
-//! [`PipelineSupervisor`] owns one pipeline: it creates the shared clients
-//! (Kafka consumer and producer, checkpoint store), spawns the five actors
-//! linked to itself, and joins them with bounded mailboxes. It is the only
-//! place that knows the wiring.
+//! The tree: the process (`processor`) is the root: it owns one
+//! [`PipelineSupervisor`] per pipeline and exits non-zero when one escalates,
+//! so that Kubernetes restarts the pod. The pipeline supervisor owns the
+//! shared clients (checkpoint store, DLQ producer) and the five actors,
+//! linked to itself and joined with bounded mailboxes. It is the only place
+//! that knows the wiring.
 //!
-//! Failure policy: a child that fails, or stops when nobody asked it to, takes
-//! the whole pipeline down and the supervisor reports [`PipelineExit::Failed`]
-//! (escalation). Messages in the dead actors' mailboxes are lost; that is safe
-//! because nothing past the persisted checkpoint is committed, so the next
-//! start rewinds to the checkpoint and the idempotent sinks absorb the replay.
+//! Restart policy: one for all. When a child fails (an error, a panic) or
+//! stops when nobody asked it to, the supervisor kills the other four, flushes
+//! the DLQ producer, waits a backoff (exponential with jitter) and starts all
+//! five again. All five, because the dead child's mailbox is lost and with it
+//! records the others already tracked: only a restart from the persisted
+//! checkpoint (the consumer rejoins the group and is assigned at the
+//! checkpoint) puts them back, and the idempotent sinks and the DLQ writer's
+//! read-back absorb the replay. A restart intensity bounds this: more than
+//! `max_restarts` restarts within `window` and the supervisor escalates
+//! ([`PipelineExit::Failed`]) instead. Restart counts per actor are in
+//! [`PipelineStatus`] and in `stream_actor_restarts_total{actor}`.
 //!
-//! [`solo::SoloSupervisor`] applies the same policy to a single actor (the
-//! SQS consumer).
+//! [`solo::SoloSupervisor`] escalates on a single actor's failure (the SQS
+//! consumer, whose messages the broker redelivers).
 //!
 //! A graceful [`PipelineMsg::Shutdown`] stops the consumer first, waits for
 //! everything in flight to be acknowledged, persists a last checkpoint, then
 //! stops the rest.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub mod solo;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use rand::Rng;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, Producer};
 use stream_actors::committer::{CommitterActor, CommitterArgs, CommitterMsg, CommitterStatus};
 use stream_actors::consumer::{
-    check_topics, create_consumer, ConsumerActor, ConsumerArgs, ConsumerMsg,
+    check_topics, create_consumer, CheckpointingContext, ConsumerActor, ConsumerArgs, ConsumerMsg,
 };
 use stream_actors::dlq_writer::{create_dlq_producer, DlqWriterActor, DlqWriterArgs};
+use stream_actors::faults::Faults;
 use stream_actors::mailbox::{MailboxBound, MailboxStats};
 use stream_actors::parse::ParseRules;
 use stream_actors::parser::{ParserActor, ParserArgs};
@@ -41,6 +54,9 @@ use tracing::{error, info, warn};
 /// How long a graceful shutdown waits for in-flight records.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
+/// The pipeline's actors, in start order of the data path.
+pub const ACTORS: [&str; 5] = ["consumer", "parser", "sink", "dlq_writer", "committer"];
+
 /// How a pipeline ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PipelineExit {
@@ -52,22 +68,77 @@ pub enum PipelineExit {
     Failed(String),
 }
 
+/// When to restart and when to give up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RestartPolicy {
+    /// At most this many restarts...
+    pub max_restarts: usize,
+    /// ...within this window; one more and the supervisor escalates.
+    pub window: Duration,
+    /// The first restart waits this long (plus or minus 20 % jitter).
+    pub first_backoff: Duration,
+    /// Each further restart in the window waits twice as long, up to this.
+    pub max_backoff: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            max_restarts: 10,
+            window: Duration::from_secs(60),
+            first_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// The wait before restart number `recent` (1-based) within the window.
+    pub fn backoff(&self, recent: usize) -> Duration {
+        let doublings = recent.saturating_sub(1).min(16) as u32;
+        let base = self
+            .first_backoff
+            .saturating_mul(1u32 << doublings)
+            .min(self.max_backoff);
+        base.mul_f64(rand::thread_rng().gen_range(0.8..1.2))
+    }
+}
+
+/// How to take an actor down on request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillMode {
+    /// Abort it where it stands (ractor's kill).
+    Kill,
+    /// Make it panic at the start of its next message.
+    Panic,
+}
+
 /// Messages the pipeline supervisor handles.
 #[derive(Debug)]
 pub enum PipelineMsg {
     /// Drain and stop; replies when done.
     Shutdown(RpcReplyPort<()>),
-    /// Report mailboxes and committer progress.
+    /// Report mailboxes, committer progress and restarts.
     Status(RpcReplyPort<PipelineStatus>),
+    /// Kill (or make panic) a child by name; replies with what was done.
+    Kill(String, KillMode, RpcReplyPort<Result<String, String>>),
+    /// The backoff is over: start the children again.
+    Restart,
 }
 
 /// A snapshot of a running pipeline.
 #[derive(Debug, Clone)]
 pub struct PipelineStatus {
+    /// Whether all five actors are running (false while restarting).
+    pub ready: bool,
     /// Per data mailbox: actor, depth, capacity, max depth.
     pub mailboxes: Vec<MailboxSnapshot>,
-    /// The committer's progress.
+    /// The committer's progress (default while restarting).
     pub committer: CommitterStatus,
+    /// Restarts caused by each actor, for every actor.
+    pub restarts: BTreeMap<&'static str, u64>,
+    /// How many times the children were started (1 + restarts).
+    pub generation: u64,
 }
 
 /// One mailbox's figures at a moment.
@@ -100,29 +171,246 @@ impl From<&MailboxStats> for MailboxSnapshot {
     }
 }
 
-/// The children of one pipeline.
+/// The children of one pipeline, one generation.
 struct Children {
     consumer: ActorRef<ConsumerMsg>,
     committer: ActorRef<CommitterMsg>,
-    /// Everything, in start order, for stopping.
+    /// The Kafka consumer, to detach its revoke hook before teardown.
+    kafka_consumer: Arc<BaseConsumer<CheckpointingContext>>,
+    /// Everything, in [`ACTORS`] order.
     all: Vec<ActorCell>,
+    /// The data mailboxes' figures.
+    mailboxes: Vec<Arc<MailboxStats>>,
+}
+
+impl Children {
+    /// The role of a cell of this generation.
+    fn role(&self, cell: &ActorCell) -> Option<&'static str> {
+        self.all
+            .iter()
+            .position(|child| child.get_id() == cell.get_id())
+            .map(|index| ACTORS[index])
+    }
+
+    /// Kills every child and waits (bounded) for each to end.
+    async fn kill_all(self) {
+        self.kafka_consumer.context().detach_committer();
+        for child in &self.all {
+            child.kill();
+        }
+        for child in &self.all {
+            let _ = child.wait(Some(Duration::from_secs(10))).await;
+        }
+    }
+}
+
+/// What every generation of children is built from.
+struct Shared {
+    config: PipelineConfig,
+    store: Arc<CheckpointStore>,
+    producer: FutureProducer,
+    faults: Arc<Faults>,
+}
+
+impl Shared {
+    /// Spawns the five children linked to `supervisor`. If one fails to
+    /// start, the ones already started are killed.
+    async fn spawn_children(&self, supervisor: ActorCell) -> Result<Children, ActorProcessingErr> {
+        let mut started: Vec<ActorCell> = Vec::new();
+        let result = self.spawn_into(supervisor, &mut started).await;
+        if result.is_err() {
+            for cell in &started {
+                cell.kill();
+            }
+        }
+        result
+    }
+
+    async fn spawn_into(
+        &self,
+        supervisor: ActorCell,
+        started: &mut Vec<ActorCell>,
+    ) -> Result<Children, ActorProcessingErr> {
+        let config = &self.config;
+        let kafka_consumer = create_consumer(config, self.store.clone())?;
+        let (committer, _) = Actor::spawn_linked(
+            None,
+            CommitterActor,
+            CommitterArgs {
+                group_id: config.group_id.clone(),
+                topic: config.topic.clone(),
+                store: self.store.clone(),
+                consumer: kafka_consumer.clone(),
+                commit_interval: config.commit_interval,
+                faults: self.faults.clone(),
+            },
+            supervisor.clone(),
+        )
+        .await?;
+        started.push(committer.get_cell());
+        kafka_consumer.context().attach_committer(committer.clone());
+        let sink_bound = MailboxBound::new("sink", config.mailbox_capacity);
+        let (sink, _) = Actor::spawn_linked(
+            None,
+            SinkActor,
+            SinkArgs {
+                config: config.clone(),
+                committer: committer.clone(),
+                faults: self.faults.clone(),
+            },
+            supervisor.clone(),
+        )
+        .await?;
+        started.push(sink.get_cell());
+        let dlq_bound = MailboxBound::new("dlq_writer", config.mailbox_capacity);
+        let (dlq_writer, _) = Actor::spawn_linked(
+            None,
+            DlqWriterActor,
+            DlqWriterArgs {
+                producer: self.producer.clone(),
+                source_topic: config.topic.clone(),
+                dlq_topic: config.dlq_topic.clone(),
+                committer: committer.clone(),
+                brokers: config.brokers.clone(),
+                dedup: config.dedup,
+                faults: self.faults.clone(),
+            },
+            supervisor.clone(),
+        )
+        .await?;
+        started.push(dlq_writer.get_cell());
+        let parser_bound = MailboxBound::new("parser", config.mailbox_capacity);
+        let mut rules = ParseRules::with_now(0);
+        rules.accepted_schema_versions = config.accepted_schema_versions.clone();
+        let (parser, _) = Actor::spawn_linked(
+            None,
+            ParserActor,
+            ParserArgs {
+                rules,
+                sink: sink_bound.sender_for(sink.clone()),
+                dlq_writer: dlq_bound.sender_for(dlq_writer.clone()),
+                faults: self.faults.clone(),
+            },
+            supervisor.clone(),
+        )
+        .await?;
+        started.push(parser.get_cell());
+        let (consumer, _) = Actor::spawn_linked(
+            None,
+            ConsumerActor,
+            ConsumerArgs {
+                consumer: kafka_consumer.clone(),
+                topic: config.topic.clone(),
+                batch_size: config.batch_size,
+                parser: parser_bound.sender_for(parser.clone()),
+                committer: committer.clone(),
+                dlq_writer: dlq_writer.clone(),
+                faults: self.faults.clone(),
+            },
+            supervisor,
+        )
+        .await?;
+        started.push(consumer.get_cell());
+        Ok(Children {
+            all: vec![
+                consumer.get_cell(),
+                parser.get_cell(),
+                sink.get_cell(),
+                dlq_writer.get_cell(),
+                committer.get_cell(),
+            ],
+            consumer,
+            committer,
+            kafka_consumer,
+            mailboxes: vec![parser_bound.stats(), sink_bound.stats(), dlq_bound.stats()],
+        })
+    }
+
+    /// Waits (bounded) for the DLQ producer's deliveries in flight, so that
+    /// the next generation's read-back of the dead-letter topic sees them.
+    async fn flush_producer(&self) {
+        let producer = self.producer.clone();
+        let flushed =
+            tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            warn!(
+                ?flushed,
+                "DLQ producer flush before restart did not complete"
+            );
+        }
+    }
 }
 
 /// The pipeline supervisor's state.
 pub struct PipelineState {
-    children: Children,
-    /// The data mailboxes' figures.
+    shared: Shared,
+    policy: RestartPolicy,
+    /// The running generation; `None` while restarting.
+    children: Option<Children>,
+    /// The last generation's mailboxes (for status while restarting).
     mailboxes: Vec<Arc<MailboxStats>>,
     /// Set once a shutdown was asked for: children stopping is then expected.
     shutting_down: bool,
     /// Where the outcome is published.
     exit: watch::Sender<PipelineExit>,
+    /// When the recent restarts happened (within the policy's window).
+    recent_restarts: VecDeque<Instant>,
+    /// Restarts caused by each actor.
+    restarts: BTreeMap<&'static str, u64>,
+    generation: u64,
+}
+
+impl PipelineState {
+    /// Counts a restart; escalates when the intensity is exceeded, otherwise
+    /// tears down what is left and schedules the restart after a backoff.
+    async fn restart_after(
+        &mut self,
+        myself: &ActorRef<PipelineMsg>,
+        role: &'static str,
+        failure: String,
+    ) {
+        let now = Instant::now();
+        while self
+            .recent_restarts
+            .front()
+            .is_some_and(|at| now.duration_since(*at) > self.policy.window)
+        {
+            self.recent_restarts.pop_front();
+        }
+        if self.recent_restarts.len() >= self.policy.max_restarts {
+            escalate(
+                myself,
+                &mut self.shutting_down,
+                &self.exit,
+                format!(
+                    "{failure}; more than {} restarts within {:?}, giving up",
+                    self.policy.max_restarts, self.policy.window
+                ),
+            );
+            return;
+        }
+        self.recent_restarts.push_back(now);
+        *self.restarts.entry(role).or_default() += 1;
+        metrics::counter!(stream_actors::metrics::ACTOR_RESTARTS, "actor" => role).increment(1);
+        metrics::counter!(stream_actors::metrics::PIPELINE_RESTARTS).increment(1);
+        let backoff = self.policy.backoff(self.recent_restarts.len());
+        warn!(%failure, actor = role, backoff_ms = backoff.as_millis() as u64, "restarting the pipeline from the checkpoint");
+        if let Some(children) = self.children.take() {
+            children.kill_all().await;
+        }
+        self.shared.flush_producer().await;
+        myself.send_after(backoff, || PipelineMsg::Restart);
+    }
 }
 
 /// What the pipeline supervisor starts with.
 pub struct PipelineArgs {
     /// The validated configuration.
     pub config: PipelineConfig,
+    /// When to restart and when to escalate.
+    pub policy: RestartPolicy,
+    /// Injected faults (none in production unless `STREAM_CRASH_AT` is set).
+    pub faults: Arc<Faults>,
     /// Where to publish how the pipeline ended.
     pub exit: watch::Sender<PipelineExit>,
 }
@@ -141,96 +429,32 @@ impl Actor for PipelineSupervisor {
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         let config = args.config;
-        let supervisor_cell = myself.get_cell();
         check_topics(&config.brokers, &[&config.topic, &config.dlq_topic])?;
         let store = Arc::new(CheckpointStore::connect(&config.postgres_url).await?);
-        let kafka_consumer = create_consumer(&config, store.clone())?;
         let producer = create_dlq_producer(&config.brokers)?;
-
-        let (committer, _) = Actor::spawn_linked(
-            None,
-            CommitterActor,
-            CommitterArgs {
-                group_id: config.group_id.clone(),
-                topic: config.topic.clone(),
-                store,
-                consumer: kafka_consumer.clone(),
-                commit_interval: config.commit_interval,
-            },
-            supervisor_cell.clone(),
-        )
-        .await?;
-        let sink_bound = MailboxBound::new("sink", config.mailbox_capacity);
-        let (sink, _) = Actor::spawn_linked(
-            None,
-            SinkActor,
-            SinkArgs {
-                config: config.clone(),
-                committer: committer.clone(),
-            },
-            supervisor_cell.clone(),
-        )
-        .await?;
-        let dlq_bound = MailboxBound::new("dlq_writer", config.mailbox_capacity);
-        let (dlq_writer, _) = Actor::spawn_linked(
-            None,
-            DlqWriterActor,
-            DlqWriterArgs {
-                producer,
-                source_topic: config.topic.clone(),
-                dlq_topic: config.dlq_topic.clone(),
-                committer: committer.clone(),
-            },
-            supervisor_cell.clone(),
-        )
-        .await?;
-        let parser_bound = MailboxBound::new("parser", config.mailbox_capacity);
-        let mut rules = ParseRules::with_now(0);
-        rules.accepted_schema_versions = config.accepted_schema_versions.clone();
-        let (parser, _) = Actor::spawn_linked(
-            None,
-            ParserActor,
-            ParserArgs {
-                rules,
-                sink: sink_bound.sender_for(sink.clone()),
-                dlq_writer: dlq_bound.sender_for(dlq_writer.clone()),
-            },
-            supervisor_cell.clone(),
-        )
-        .await?;
-        let (consumer, _) = Actor::spawn_linked(
-            None,
-            ConsumerActor,
-            ConsumerArgs {
-                consumer: kafka_consumer,
-                topic: config.topic.clone(),
-                batch_size: config.batch_size,
-                parser: parser_bound.sender_for(parser.clone()),
-                committer: committer.clone(),
-            },
-            supervisor_cell,
-        )
-        .await?;
-        for actor in ["consumer", "parser", "sink", "dlq_writer", "committer"] {
+        let shared = Shared {
+            config,
+            store,
+            producer,
+            faults: args.faults,
+        };
+        let children = shared.spawn_children(myself.get_cell()).await?;
+        for actor in ACTORS {
             metrics::counter!(stream_actors::metrics::ACTOR_RESTARTS, "actor" => actor)
                 .increment(0);
         }
-        info!(topic = %config.topic, group = %config.group_id, "pipeline started");
+        metrics::counter!(stream_actors::metrics::PIPELINE_RESTARTS).increment(0);
+        info!(topic = %shared.config.topic, group = %shared.config.group_id, "pipeline started");
         Ok(PipelineState {
-            children: Children {
-                all: vec![
-                    consumer.get_cell(),
-                    parser.get_cell(),
-                    sink.get_cell(),
-                    dlq_writer.get_cell(),
-                    committer.get_cell(),
-                ],
-                consumer,
-                committer,
-            },
-            mailboxes: vec![parser_bound.stats(), sink_bound.stats(), dlq_bound.stats()],
+            mailboxes: children.mailboxes.clone(),
+            children: Some(children),
+            shared,
+            policy: args.policy,
             shutting_down: false,
             exit: args.exit,
+            recent_restarts: VecDeque::new(),
+            restarts: ACTORS.iter().map(|actor| (*actor, 0)).collect(),
+            generation: 1,
         })
     }
 
@@ -239,8 +463,11 @@ impl Actor for PipelineSupervisor {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        for child in &state.children.all {
-            child.stop(None);
+        if let Some(children) = state.children.take() {
+            children.kafka_consumer.context().detach_committer();
+            for child in &children.all {
+                child.stop(None);
+            }
         }
         mark_stopped(&state.exit);
         Ok(())
@@ -254,41 +481,93 @@ impl Actor for PipelineSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             PipelineMsg::Status(reply) => {
-                let committer = ractor::call!(state.children.committer, CommitterMsg::Status)?;
+                let committer = match &state.children {
+                    Some(children) => {
+                        ractor::call_t!(children.committer, CommitterMsg::Status, 5_000)
+                            .unwrap_or_default()
+                    }
+                    None => CommitterStatus::default(),
+                };
                 let _ = reply.send(PipelineStatus {
+                    ready: state.children.is_some() && !state.shutting_down,
                     mailboxes: state
                         .mailboxes
                         .iter()
                         .map(|stats| stats.as_ref().into())
                         .collect(),
                     committer,
+                    restarts: state.restarts.clone(),
+                    generation: state.generation,
                 });
+            }
+            PipelineMsg::Kill(actor, mode, reply) => {
+                let outcome = match (
+                    &state.children,
+                    ACTORS.iter().position(|name| *name == actor),
+                ) {
+                    (_, None) => Err(format!(
+                        "no actor named {actor:?}; the actors are {}",
+                        ACTORS.join(", ")
+                    )),
+                    (None, Some(_)) => Err("the pipeline is restarting; try again".to_string()),
+                    (Some(children), Some(index)) => match mode {
+                        KillMode::Kill => {
+                            warn!(actor, "killing actor on request");
+                            children.all[index].kill();
+                            Ok(format!("killed {actor}"))
+                        }
+                        KillMode::Panic => {
+                            warn!(actor, "actor will panic at its next message, on request");
+                            state.shared.faults.arm_panic(&actor);
+                            Ok(format!("{actor} will panic at its next message"))
+                        }
+                    },
+                };
+                let _ = reply.send(outcome);
+            }
+            PipelineMsg::Restart => {
+                if state.shutting_down || state.children.is_some() {
+                    return Ok(());
+                }
+                match state.shared.spawn_children(myself.get_cell()).await {
+                    Ok(children) => {
+                        state.generation += 1;
+                        state.mailboxes = children.mailboxes.clone();
+                        state.children = Some(children);
+                        info!(generation = state.generation, "pipeline restarted");
+                    }
+                    Err(start_error) => {
+                        let failure = format!("restart failed: {start_error}");
+                        state.restart_after(&myself, "supervisor", failure).await;
+                    }
+                }
             }
             PipelineMsg::Shutdown(reply) => {
                 state.shutting_down = true;
                 info!("pipeline shutting down: stopping intake");
-                let _ = state
-                    .children
-                    .consumer
-                    .stop_and_wait(None, Some(Duration::from_secs(10)))
-                    .await;
-                let deadline = Instant::now() + DRAIN_DEADLINE;
-                loop {
-                    let status = ractor::call!(state.children.committer, CommitterMsg::Status)?;
-                    if status.in_flight == 0 {
-                        break;
+                if let Some(children) = &state.children {
+                    let _ = children
+                        .consumer
+                        .stop_and_wait(None, Some(Duration::from_secs(10)))
+                        .await;
+                    let deadline = Instant::now() + DRAIN_DEADLINE;
+                    loop {
+                        let status = ractor::call!(children.committer, CommitterMsg::Status)?;
+                        if status.in_flight == 0 {
+                            break;
+                        }
+                        if Instant::now() >= deadline {
+                            warn!(
+                                in_flight = status.in_flight,
+                                "drain deadline passed; the rest replays on next start"
+                            );
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    if Instant::now() >= deadline {
-                        warn!(
-                            in_flight = status.in_flight,
-                            "drain deadline passed; the rest replays on next start"
-                        );
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    ractor::call!(children.committer, CommitterMsg::Flush)?;
+                    info!("pipeline drained and checkpointed");
                 }
-                ractor::call!(state.children.committer, CommitterMsg::Flush)?;
-                info!("pipeline drained and checkpointed");
                 let _ = reply.send(());
                 myself.stop(Some("shutdown".to_string()));
             }
@@ -302,14 +581,30 @@ impl Actor for PipelineSupervisor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let children = &state.children;
-        escalate_on_child_exit(
-            &myself,
-            event,
-            &mut state.shutting_down,
-            &state.exit,
-            |cell| format!("actor {}", describe(cell, children)),
-        );
+        if state.shutting_down {
+            return Ok(());
+        }
+        let (cell, failure) = match event {
+            SupervisionEvent::ActorFailed(cell, reason) => (cell, format!("failed: {reason}")),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (
+                cell,
+                format!(
+                    "stopped unexpectedly ({})",
+                    reason.unwrap_or_else(|| "no reason".to_string())
+                ),
+            ),
+            _ => return Ok(()),
+        };
+        // Only this generation's children count: the others were killed by us.
+        let Some(role) = state
+            .children
+            .as_ref()
+            .and_then(|children| children.role(&cell))
+        else {
+            return Ok(());
+        };
+        let failure = format!("actor {role} {failure}");
+        state.restart_after(&myself, role, failure).await;
         Ok(())
     }
 }
@@ -336,11 +631,21 @@ pub(crate) fn escalate_on_child_exit<M: ractor::Message>(
         _ => None,
     };
     if let Some(failure) = failure {
-        error!(%failure, "supervisor escalating");
-        *shutting_down = true;
-        exit.send_replace(PipelineExit::Failed(failure.clone()));
-        myself.stop(Some(failure));
+        escalate(myself, shutting_down, exit, failure);
     }
+}
+
+/// Publishes the failure and stops the supervisor (its owner exits non-zero).
+fn escalate<M: ractor::Message>(
+    myself: &ActorRef<M>,
+    shutting_down: &mut bool,
+    exit: &watch::Sender<PipelineExit>,
+    failure: String,
+) {
+    error!(%failure, "supervisor escalating");
+    *shutting_down = true;
+    exit.send_replace(PipelineExit::Failed(failure.clone()));
+    myself.stop(Some(failure));
 }
 
 /// Publishes [`PipelineExit::Stopped`] unless an outcome is already there.
@@ -352,17 +657,6 @@ pub(crate) fn mark_stopped(exit: &watch::Sender<PipelineExit>) {
         }
         running
     });
-}
-
-/// Names a child by its role.
-fn describe(cell: &ActorCell, children: &Children) -> &'static str {
-    const ROLES: [&str; 5] = ["consumer", "parser", "sink", "dlq_writer", "committer"];
-    children
-        .all
-        .iter()
-        .position(|child| child.get_id() == cell.get_id())
-        .map(|index| ROLES[index])
-        .unwrap_or("unknown")
 }
 
 /// A running pipeline, as its owner sees it.
@@ -381,6 +675,18 @@ impl PipelineHandle {
         ractor::call!(self.supervisor, PipelineMsg::Status)
     }
 
+    /// Kills an actor (or makes it panic at its next message).
+    pub async fn kill(&self, actor: &str, mode: KillMode) -> Result<String, String> {
+        ractor::call_t!(
+            self.supervisor,
+            PipelineMsg::Kill,
+            10_000,
+            actor.to_string(),
+            mode
+        )
+        .map_err(|call_error| format!("supervisor did not answer: {call_error}"))?
+    }
+
     /// Drains and stops, then waits for the supervisor to end.
     pub async fn shutdown(self) -> PipelineExit {
         let _ = ractor::call!(self.supervisor, PipelineMsg::Shutdown);
@@ -397,14 +703,26 @@ pub enum StartError {
     Spawn(String),
 }
 
-/// Starts a pipeline under a fresh supervisor.
+/// Starts a pipeline under a fresh supervisor, with the default restart
+/// policy and no injected faults.
 pub async fn start_pipeline(config: PipelineConfig) -> Result<PipelineHandle, StartError> {
+    start_pipeline_with(config, RestartPolicy::default(), Arc::new(Faults::none())).await
+}
+
+/// Starts a pipeline under a fresh supervisor.
+pub async fn start_pipeline_with(
+    config: PipelineConfig,
+    policy: RestartPolicy,
+    faults: Arc<Faults>,
+) -> Result<PipelineHandle, StartError> {
     let (exit_sender, exit_receiver) = watch::channel(PipelineExit::Running);
     let (supervisor, join) = Actor::spawn(
         None,
         PipelineSupervisor,
         PipelineArgs {
             config,
+            policy,
+            faults,
             exit: exit_sender,
         },
     )

@@ -9,5 +9,10 @@ async fn main() {
         eprintln!("error: {config_error}");
         std::process::exit(2);
     });
-    stream_bins::run_service(metrics_addr, || stream_bins::processor::run(config)).await
+    let policy = flags.restart_policy();
+    // The processor serves /metrics itself, on its admin endpoint.
+    stream_bins::run_service(None, || {
+        stream_bins::processor::run(config, policy, metrics_addr)
+    })
+    .await
 }

@@ -30,6 +30,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reconcile the source topic, read independently, with PostgreSQL,
+    /// ClickHouse and the dead-letter topic, per partition: stored,
+    /// dead-lettered, missing, duplicated. Exits 0 when clean, 1 otherwise.
+    Audit {
+        #[command(flatten)]
+        connections: ConnectionArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The processor's state from its admin endpoint: ready, restarts per
+    /// actor, mailboxes, checkpoint.
+    Status {
+        /// The processor's admin address (its --metrics-addr).
+        #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:9464")]
+        admin: String,
+    },
+    /// Kill one of the processor's actors (consumer, parser, sink,
+    /// dlq_writer, committer) through its admin endpoint; the supervisor
+    /// restarts the pipeline from the checkpoint.
+    Kill {
+        /// The actor to kill.
+        actor: String,
+        /// Make it panic at its next message instead of killing it.
+        #[arg(long)]
+        panic: bool,
+        /// The processor's admin address (its --metrics-addr).
+        #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:9464")]
+        admin: String,
+    },
     /// The dead-letter topic: stats, show, replay.
     Dlq {
         #[command(subcommand)]
@@ -140,6 +170,31 @@ fn parse_mark(text: &str) -> Result<(f64, String), String> {
     Ok((time, label.to_string()))
 }
 
+async fn audit(connections: &ConnectionArgs, json: bool) -> anyhow::Result<i32> {
+    let audit = stream_bins::audit::audit(connections).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&audit)?);
+    } else {
+        print!("{}", audit.render());
+    }
+    Ok(if audit.clean() { 0 } else { 1 })
+}
+
+/// One request to the processor's admin endpoint; prints the answer.
+fn admin_call(admin: &str, method: &str, path: &str) -> anyhow::Result<i32> {
+    let (code, body) =
+        stream_bins::prometheus::http_request(admin, method, path).map_err(|error| {
+            anyhow::anyhow!("cannot reach the processor's admin endpoint at {admin}: {error}")
+        })?;
+    print!("{body}");
+    if code == 200 {
+        Ok(0)
+    } else {
+        eprintln!("error: the processor answered {code}");
+        Ok(1)
+    }
+}
+
 fn config_or_exit<T>(result: Result<T, stream_bins::config::ConfigError>) -> T {
     result.unwrap_or_else(|config_error| {
         eprintln!("error: {config_error}");
@@ -160,6 +215,19 @@ async fn main() {
             report(&connections, wait_secs, json).await
         }
         Command::Dlq { command } => dlq(command).await,
+        Command::Audit { connections, json } => {
+            config_or_exit(connections.validate());
+            audit(&connections, json).await
+        }
+        Command::Status { admin } => admin_call(&admin, "GET", "/status"),
+        Command::Kill {
+            actor,
+            panic,
+            admin,
+        } => {
+            let action = if panic { "panic" } else { "kill" };
+            admin_call(&admin, "POST", &format!("/actors/{actor}/{action}"))
+        }
         Command::Chart {
             prometheus,
             start,

@@ -1,0 +1,167 @@
+//! Fault injection, for the kill-and-watch demo and the recovery tests.
+//!
+//! Two kinds, both off unless asked for:
+//!
+//! - **Panics**: [`Faults::arm_panic`] makes the named actor panic at the start
+//!   of its next message (ractor turns the panic into `ActorFailed`, exactly as
+//!   a bug would). The admin endpoint's `POST /actors/<name>/panic` arms it.
+//! - **Crash points**: `STREAM_CRASH_AT=<point>:<n>` aborts the whole process
+//!   (no unwinding, no cleanup: the same as a SIGKILL) the n-th time the
+//!   pipeline reaches `point`. The points are the windows where a crash is most
+//!   likely to duplicate or lose something: [`CrashPoint`].
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::error::PipelineError;
+
+/// Where a crash can be injected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// In the sink: the batch is in both stores, not yet acknowledged, so the
+    /// checkpoint does not cover it. A restart replays it.
+    AfterDbWrite,
+    /// In the committer: the checkpoint is persisted, Kafka's committed offset
+    /// is not. A restart must trust the checkpoint.
+    AfterCheckpoint,
+}
+
+impl CrashPoint {
+    /// The name used in `STREAM_CRASH_AT`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CrashPoint::AfterDbWrite => "after_db_write",
+            CrashPoint::AfterCheckpoint => "after_checkpoint",
+        }
+    }
+
+    fn parse(name: &str) -> Option<CrashPoint> {
+        [CrashPoint::AfterDbWrite, CrashPoint::AfterCheckpoint]
+            .into_iter()
+            .find(|point| point.name() == name)
+    }
+}
+
+/// The pipeline's injected faults, shared by the supervisor and every actor.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Actors that panic on their next message.
+    armed_panics: Mutex<HashSet<String>>,
+    /// The crash point and on which arrival to crash.
+    crash: Option<(CrashPoint, u64)>,
+    /// Arrivals at the crash point so far.
+    arrivals: AtomicU64,
+}
+
+impl Faults {
+    /// No faults.
+    pub fn none() -> Faults {
+        Faults::default()
+    }
+
+    /// Reads `STREAM_CRASH_AT` (`after_db_write:3`, `after_checkpoint:1`).
+    pub fn from_env() -> Result<Faults, PipelineError> {
+        match std::env::var("STREAM_CRASH_AT") {
+            Ok(text) if !text.is_empty() => Faults::with_crash(&text),
+            _ => Ok(Faults::none()),
+        }
+    }
+
+    /// Parses a crash specification `<point>:<n>`.
+    pub fn with_crash(spec: &str) -> Result<Faults, PipelineError> {
+        let invalid = |reason: String| PipelineError::Config {
+            setting: "STREAM_CRASH_AT",
+            reason,
+        };
+        let (name, count) = spec.split_once(':').unwrap_or((spec, "1"));
+        let point = CrashPoint::parse(name).ok_or_else(|| {
+            invalid(format!(
+                "unknown crash point {name:?}; expected after_db_write or after_checkpoint"
+            ))
+        })?;
+        let count: u64 = count
+            .parse()
+            .ok()
+            .filter(|count| *count >= 1)
+            .ok_or_else(|| invalid(format!("{count:?} is not a count of 1 or more")))?;
+        Ok(Faults {
+            crash: Some((point, count)),
+            ..Faults::default()
+        })
+    }
+
+    /// Makes `actor` panic at the start of its next message.
+    pub fn arm_panic(&self, actor: &str) {
+        self.armed_panics
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .insert(actor.to_string());
+    }
+
+    /// Called by each actor at the start of a message: panics if armed.
+    pub fn panic_if_armed(&self, actor: &str) {
+        let armed = self
+            .armed_panics
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .remove(actor);
+        if armed {
+            panic!("injected panic in actor {actor}");
+        }
+    }
+
+    /// Called when the pipeline reaches `point`: aborts the process on the
+    /// configured arrival.
+    pub fn reached(&self, point: CrashPoint) {
+        let Some((crash_point, on_arrival)) = self.crash else {
+            return;
+        };
+        if crash_point != point {
+            return;
+        }
+        let arrival = self.arrivals.fetch_add(1, Ordering::SeqCst) + 1;
+        if arrival == on_arrival {
+            eprintln!(
+                "STREAM_CRASH_AT: aborting at {} (arrival {arrival})",
+                point.name()
+            );
+            std::process::abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_specs_parse_and_bad_ones_name_the_setting() {
+        let faults = Faults::with_crash("after_checkpoint:3").unwrap();
+        assert_eq!(faults.crash, Some((CrashPoint::AfterCheckpoint, 3)));
+        let faults = Faults::with_crash("after_db_write").unwrap();
+        assert_eq!(faults.crash, Some((CrashPoint::AfterDbWrite, 1)));
+        for bad in ["after_lunch:1", "after_db_write:0", "after_db_write:x"] {
+            let error = Faults::with_crash(bad).unwrap_err().to_string();
+            assert!(error.contains("STREAM_CRASH_AT"), "{error}");
+        }
+    }
+
+    #[test]
+    fn an_armed_panic_fires_once_in_the_named_actor_only() {
+        let faults = Faults::none();
+        faults.arm_panic("sink");
+        faults.panic_if_armed("parser");
+        let fired = std::panic::catch_unwind(|| faults.panic_if_armed("sink"));
+        assert!(fired.is_err());
+        faults.panic_if_armed("sink");
+    }
+
+    #[test]
+    fn other_points_and_earlier_arrivals_do_not_crash() {
+        let faults = Faults::with_crash("after_checkpoint:2").unwrap();
+        faults.reached(CrashPoint::AfterDbWrite);
+        faults.reached(CrashPoint::AfterCheckpoint);
+        assert_eq!(faults.arrivals.load(Ordering::SeqCst), 1);
+    }
+}

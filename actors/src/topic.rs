@@ -1,0 +1,203 @@
+//! Reading a topic back with a plain client: its partitions, its true end
+//! offsets and every record up to them. Joins no group, commits nothing. The
+//! DLQ writer uses it to see what it already wrote; `streamctl` and the tests
+//! use it to audit.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// How long a metadata or watermark request may take.
+pub const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client for metadata and manual reads.
+pub fn plain_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "streamctl-inspect")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .with_context(|| format!("cannot create a kafka client for {brokers}"))
+}
+
+/// The partitions of a topic, sorted.
+pub fn partitions(brokers: &str, topic: &str) -> anyhow::Result<Vec<i32>> {
+    let consumer = plain_consumer(brokers)?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
+        .with_context(|| format!("cannot read metadata of topic {topic} from {brokers}"))?;
+    let Some(topic_metadata) = metadata
+        .topics()
+        .iter()
+        .find(|candidate| candidate.name() == topic)
+    else {
+        bail!("topic {topic} not found on {brokers}");
+    };
+    if let Some(error) = topic_metadata.error() {
+        bail!("topic {topic} on {brokers}: {error:?}");
+    }
+    let mut partitions: Vec<i32> = topic_metadata
+        .partitions()
+        .iter()
+        .map(|partition| partition.id())
+        .collect();
+    partitions.sort_unstable();
+    Ok(partitions)
+}
+
+/// Per partition, the end offset: the offset the next record will get.
+///
+/// Not simply the broker's ListOffsets answer: Tansu 0.6 answers "latest"
+/// with the base offset of the last record batch plus one, which is short of
+/// the end whenever that batch holds more than one record. So this reads the
+/// tail: from one before the listed offset (on Tansu, the last batch's base;
+/// on Kafka, the last record) up to the fetch high watermark, which both
+/// brokers report correctly, and takes the offset after the last record seen.
+pub fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "streamctl-inspect")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .with_context(|| format!("cannot create a kafka client for {brokers}"))?;
+    let mut ends = BTreeMap::new();
+    let mut tail = TopicPartitionList::new();
+    for partition in partitions(brokers, topic)? {
+        let (_, listed) = consumer
+            .fetch_watermarks(topic, partition, KAFKA_TIMEOUT)
+            .with_context(|| format!("cannot read end offset of {topic}/{partition}"))?;
+        ends.insert(partition, listed);
+        if listed > 0 {
+            tail.add_partition_offset(topic, partition, Offset::Offset(listed - 1))?;
+        }
+    }
+    if tail.count() == 0 {
+        return Ok(ends);
+    }
+    let mut waiting: std::collections::BTreeSet<i32> = tail
+        .elements()
+        .iter()
+        .map(|element| element.partition())
+        .collect();
+    consumer.assign(&tail).context("cannot assign partitions")?;
+    let started = Instant::now();
+    while !waiting.is_empty() {
+        if started.elapsed() > KAFKA_TIMEOUT {
+            bail!("reading the tail of {topic} did not reach the end within {KAFKA_TIMEOUT:?}; partitions {waiting:?}");
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(message)) => {
+                let end = ends.entry(message.partition()).or_insert(0);
+                *end = (*end).max(message.offset() + 1);
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
+                waiting.remove(&partition);
+            }
+            Some(Err(error)) => {
+                return Err(error).with_context(|| format!("error reading the tail of {topic}"))
+            }
+        }
+    }
+    Ok(ends)
+}
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct ReadRecord {
+    /// Partition it was read from.
+    pub partition: i32,
+    /// Its offset there.
+    pub offset: i64,
+    /// Key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Value bytes.
+    pub payload: Option<Vec<u8>>,
+    /// Headers, in order; values as text (lossy).
+    pub headers: Vec<(String, String)>,
+}
+
+impl ReadRecord {
+    /// The first header with this name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Reads every record of a topic, from the beginning to the end offsets as
+/// they are now. Uses manual assignment: it joins no group, commits nothing.
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    deadline: Duration,
+) -> anyhow::Result<Vec<ReadRecord>> {
+    let ends = end_offsets(brokers, topic)?;
+    let consumer = plain_consumer(brokers)?;
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
+    for (partition, end) in &ends {
+        if *end > 0 {
+            assignment.add_partition_offset(topic, *partition, Offset::Beginning)?;
+            remaining.insert(*partition, *end);
+        }
+    }
+    let mut records = Vec::new();
+    if remaining.is_empty() {
+        return Ok(records);
+    }
+    consumer
+        .assign(&assignment)
+        .context("cannot assign partitions")?;
+    let started = Instant::now();
+    while !remaining.is_empty() {
+        if started.elapsed() > deadline {
+            bail!(
+                "reading {topic} did not finish within {deadline:?}; still missing {remaining:?}"
+            );
+        }
+        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = result.with_context(|| format!("error reading {topic}"))?;
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|header| {
+                        (
+                            header.key.to_string(),
+                            header
+                                .value
+                                .map(|value| String::from_utf8_lossy(value).into_owned())
+                                .unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        records.push(ReadRecord {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+        });
+        if let Some(end) = remaining.get(&message.partition()) {
+            if message.offset() + 1 >= *end {
+                remaining.remove(&message.partition());
+            }
+        }
+    }
+    Ok(records)
+}
