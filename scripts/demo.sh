@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The local demo: starts the services, runs the processor under
-# `loadgen --poison-rate 0.005`, waits for catch-up and prints what happened.
+# `loadgen --poison-rate 0.005`, kills an actor and then the whole process
+# mid-run (seed 000's step 2: counts before, the kills, counts after, proven by
+# `streamctl audit`), waits for catch-up and prints what happened.
 #
 #   bash scripts/demo.sh            # 200000 events
 #   COUNT=50000 bash scripts/demo.sh
@@ -12,7 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 COUNT="${COUNT:-200000}"
-RATE="${RATE:-0}"
+RATE="${RATE:-20000}"
 POISON_RATE="${POISON_RATE:-0.005}"
 BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 POSTGRES_URL="${POSTGRES_URL:-postgres://postgres:postgres@127.0.0.1:5432/pipeline}"
@@ -67,32 +69,63 @@ promql() {
 }
 
 say "== 1. processor =="
-"$BIN/processor" --brokers "$BROKERS" --group "$GROUP" --postgres-url "$POSTGRES_URL" \
-  --clickhouse-url "$CLICKHOUSE_URL" --metrics-addr "$METRICS_ADDR" >"$STATE/processor.log" 2>&1 &
-PROCESSOR_PID=$!
+PROCESSOR_PID=""
+start_processor() {
+  "$BIN/processor" --brokers "$BROKERS" --group "$GROUP" --postgres-url "$POSTGRES_URL" \
+    --clickhouse-url "$CLICKHOUSE_URL" --metrics-addr "$METRICS_ADDR" >>"$STATE/processor.log" 2>&1 &
+  PROCESSOR_PID=$!
+  for _ in $(seq 1 200); do
+    if curl -sf "http://$METRICS_ADDR/readyz" >/dev/null 2>&1; then return 0; fi
+    if ! kill -0 "$PROCESSOR_PID" 2>/dev/null; then
+      say "processor exited:"; tail -20 "$STATE/processor.log" >&2; exit 1
+    fi
+    sleep 0.1
+  done
+  say "processor not ready in 20 s"; tail -20 "$STATE/processor.log" >&2; exit 1
+}
 # shellcheck disable=SC2317  # called from the EXIT trap
 stop_processor() {
   if kill -TERM "$PROCESSOR_PID" 2>/dev/null; then wait "$PROCESSOR_PID" 2>/dev/null || true; fi
   stop_observability
 }
 trap stop_processor EXIT
-for _ in $(seq 1 100); do
-  if grep -q "pipeline started" "$STATE/processor.log"; then break; fi
-  if ! kill -0 "$PROCESSOR_PID" 2>/dev/null; then
-    say "processor exited:"; tail -20 "$STATE/processor.log" >&2; exit 1
-  fi
-  sleep 0.2
-done
-grep -q "pipeline started" "$STATE/processor.log" || { say "processor did not start in 20 s"; tail -20 "$STATE/processor.log" >&2; exit 1; }
-say "processor running (pid $PROCESSOR_PID, metrics http://$METRICS_ADDR/metrics, log $STATE/processor.log)"
+: >"$STATE/processor.log"
+start_processor
+say "processor running (pid $PROCESSOR_PID, admin http://$METRICS_ADDR/status, metrics /metrics, log $STATE/processor.log)"
 
 say "waiting for Prometheus to scrape the processor before any event (so its rates cover them all)"
 for _ in $(seq 1 60); do [ "$(promql 'stream_events_processed_total')" = "0" ] && break; sleep 0.5; done
 
-say "== 2. loadgen --count $COUNT --poison-rate $POISON_RATE =="
+say "== 2. loadgen --count $COUNT --rate $RATE --poison-rate $POISON_RATE (in the background) =="
 START=$(date +%s.%N)
 RUN_START=$(date +%s)
-LEDGER=$("$BIN/loadgen" --brokers "$BROKERS" --topic events --count "$COUNT" --rate "$RATE" --poison-rate "$POISON_RATE" | tail -1)
+"$BIN/loadgen" --brokers "$BROKERS" --topic events --count "$COUNT" --rate "$RATE" --poison-rate "$POISON_RATE" \
+  >"$STATE/ledger.txt" &
+LOADGEN_PID=$!
+stored() { psql -tA "$POSTGRES_URL" -c 'SELECT count(*) FROM events' 2>/dev/null || echo 0; }
+for _ in $(seq 1 300); do [ "$(stored)" -gt "$((COUNT / 5))" ] && break; sleep 0.1; done
+
+say "== 2b. kill and watch (seed 000, step 2) =="
+BEFORE=$(stored)
+printf 'stored before the kills: %s\n' "$BEFORE"
+KILL_ACTOR_AT=$(date +%s)
+"$BIN/streamctl" kill sink --admin "$METRICS_ADDR"
+for _ in $(seq 1 300); do
+  curl -sf "http://$METRICS_ADDR/status" | grep -q '"generation":2' && curl -sf "http://$METRICS_ADDR/readyz" >/dev/null && break
+  sleep 0.05
+done
+printf 'supervisor restarted the pipeline from the checkpoint in %s s; restarts: %s\n' "$(($(date +%s) - KILL_ACTOR_AT))" \
+  "$(curl -sf "http://$METRICS_ADDR/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["restarts"])')"
+KILL_PROCESS_AT=$(date +%s)
+kill -9 "$PROCESSOR_PID"
+wait "$PROCESSOR_PID" 2>/dev/null || true
+printf 'processor SIGKILLed at %s rows; restarting it as an orchestrator would\n' "$(stored)"
+start_processor
+AFTER_KILL=$(stored)
+for _ in $(seq 1 300); do [ "$(stored)" -gt "$AFTER_KILL" ] && break; sleep 0.05; done
+printf 'processor back and storing after %s s\n' "$(($(date +%s) - KILL_PROCESS_AT))"
+wait "$LOADGEN_PID"
+LEDGER=$(tail -1 "$STATE/ledger.txt")
 say "ledger: $LEDGER"
 
 say "== 3. waiting for the processor to catch up =="
@@ -100,7 +133,18 @@ set +e
 "$BIN/streamctl" report --brokers "$BROKERS" --group "$GROUP" --postgres-url "$POSTGRES_URL" \
   --clickhouse-url "$CLICKHOUSE_URL" --wait-secs 600
 VERDICT=$?
+AFTER=$(stored)
+printf 'stored after the kills: %s (before: %s)\n' "$AFTER" "$BEFORE"
+say "== 3b. streamctl audit: the topic, read independently, against both stores and the DLQ =="
+"$BIN/streamctl" audit --brokers "$BROKERS" --postgres-url "$POSTGRES_URL" --clickhouse-url "$CLICKHOUSE_URL"
+AUDIT=$?
 set -e
+if [ "$AUDIT" -eq 0 ] && [ "$AFTER" -gt "$BEFORE" ]; then
+  echo "kill and watch: climbed, no gap, no dupes"
+else
+  echo "kill and watch: FAILED (audit exit $AUDIT, stored $BEFORE -> $AFTER)"
+  VERDICT=1
+fi
 END=$(date +%s.%N)
 awk -v n="$COUNT" -v s="$START" -v e="$END" 'BEGIN { printf "end to end: %d events in %.1f s (%.0f events/s, loadgen, processing and the report overlapping)\n", n, e - s, n / (e - s) }'
 printf 'ledger from loadgen: %s\n' "$LEDGER"

@@ -9,6 +9,7 @@
 #   up      install what is missing, start what is not running, wait until healthy
 #   down    stop what is running (safe when nothing runs)
 #   status  one line per service; exit 0 if all are up, 1 otherwise
+#   stop S  stop one service (kafka, postgres, clickhouse, sqs); `up` restarts it
 #
 # State (logs, pid files, data, venv) lives in $ROOT/.services/.
 set -euo pipefail
@@ -532,12 +533,12 @@ sqs_status() {
 
 # Serialise `up`/`down`: re-run this script under `flock -o`, so the lock is
 # held by flock itself and is NOT inherited by the daemons we start.
-with_lock() { # command
+with_lock() { # command [args]
     local rc=0
     [[ -n "${SERVICES_SH_LOCKED:-}" ]] && return 0
     mkdir -p "$STATE"
     SERVICES_SH_LOCKED=1 flock -o -E 75 -w 1800 "$STATE/.lock" \
-        bash "${BASH_SOURCE[0]}" "$1" || rc=$?
+        bash "${BASH_SOURCE[0]}" "$@" || rc=$?
     ((rc != 75)) || die "another services.sh up/down is still running after 30 min (lock $STATE/.lock)"
     exit "$rc"
 }
@@ -561,6 +562,21 @@ cmd_down() {
     pg_down
 }
 
+# Stops one service (the recovery tests' database outage); `up` starts it again.
+cmd_stop() {
+    with_lock stop "$@"
+    case "${1:-}" in
+        kafka) stop_pid kafka "$KAFKA_PID" tansu ;;
+        postgres) pg_down ;;
+        clickhouse) stop_pid clickhouse "$CH_PID" clickhouse-server ;;
+        sqs) stop_pid sqs "$SQS_PIDF" moto_server ;;
+        *)
+            echo "usage: $0 stop kafka|postgres|clickhouse|sqs" >&2
+            exit 2
+            ;;
+    esac
+}
+
 cmd_status() {
     local rc=0
     if command -v kcat >/dev/null; then kafka_status || rc=1; else
@@ -577,8 +593,9 @@ case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
+    stop) shift; cmd_stop "$@" ;;
     *)
-        echo "usage: $0 up|down|status" >&2
+        echo "usage: $0 up|down|status|stop <service>" >&2
         exit 2
         ;;
 esac

@@ -37,6 +37,17 @@ pub async fn connect_postgres(url: &str) -> Result<Client, PipelineError> {
     Ok(client)
 }
 
+/// Runs `CREATE TABLE IF NOT EXISTS ...` under a transaction-scoped advisory
+/// lock: two processes creating the same table at once otherwise race inside
+/// PostgreSQL (a unique violation on `pg_type`).
+pub async fn create_table(client: &Client, ddl: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(7242026); {ddl}; COMMIT;"
+        ))
+        .await
+}
+
 /// Hides the password in a URL before it is logged.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -64,8 +75,9 @@ impl PostgresEvents {
     pub async fn connect(url: &str, dedup: bool) -> Result<PostgresEvents, PipelineError> {
         let client = connect_postgres(url).await?;
         let key = if dedup { "PRIMARY KEY" } else { "" };
-        client
-            .batch_execute(&format!(
+        create_table(
+            &client,
+            &format!(
                 "CREATE TABLE IF NOT EXISTS events (
                     event_id UUID {key},
                     event_type TEXT NOT NULL,
@@ -76,10 +88,11 @@ impl PostgresEvents {
                     source_partition INTEGER NOT NULL,
                     source_offset BIGINT NOT NULL,
                     stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
-                )",
-            ))
-            .await
-            .map_err(PipelineError::postgres("create table events"))?;
+                )"
+            ),
+        )
+        .await
+        .map_err(PipelineError::postgres("create table events"))?;
         Ok(PostgresEvents { client, dedup })
     }
 
@@ -228,9 +241,9 @@ impl PostgresOrders {
     /// Connects and creates the table if it is missing.
     pub async fn connect(url: &str) -> Result<PostgresOrders, PipelineError> {
         let client = connect_postgres(url).await?;
-        client
-            .batch_execute(
-                "CREATE TABLE IF NOT EXISTS orders (
+        create_table(
+            &client,
+            "CREATE TABLE IF NOT EXISTS orders (
                     order_id UUID PRIMARY KEY,
                     customer_id TEXT NOT NULL,
                     amount DOUBLE PRECISION NOT NULL,
@@ -238,9 +251,9 @@ impl PostgresOrders {
                     sqs_message_id TEXT NOT NULL,
                     stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
                 )",
-            )
-            .await
-            .map_err(PipelineError::postgres("create table orders"))?;
+        )
+        .await
+        .map_err(PipelineError::postgres("create table orders"))?;
         Ok(PostgresOrders { client })
     }
 
@@ -289,9 +302,9 @@ impl CheckpointStore {
     /// Connects and creates the table if it is missing.
     pub async fn connect(url: &str) -> Result<CheckpointStore, PipelineError> {
         let client = connect_postgres(url).await?;
-        client
-            .batch_execute(
-                "CREATE TABLE IF NOT EXISTS pipeline_checkpoints (
+        create_table(
+            &client,
+            "CREATE TABLE IF NOT EXISTS pipeline_checkpoints (
                     consumer_group TEXT NOT NULL,
                     topic TEXT NOT NULL,
                     partition INTEGER NOT NULL,
@@ -299,9 +312,9 @@ impl CheckpointStore {
                     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
                     PRIMARY KEY (consumer_group, topic, partition)
                 )",
-            )
-            .await
-            .map_err(PipelineError::postgres("create table pipeline_checkpoints"))?;
+        )
+        .await
+        .map_err(PipelineError::postgres("create table pipeline_checkpoints"))?;
         Ok(CheckpointStore {
             url: url.to_string(),
             client: tokio::sync::Mutex::new(Some(client)),

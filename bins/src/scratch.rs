@@ -130,7 +130,17 @@ impl TestEnv {
         let dlq_topic = format!("{name}_events_dlq");
         create_topic(&topic, partitions).await;
         create_topic(&dlq_topic, 3).await;
+        TestEnv::with_topics(name, &brokers(), topic, dlq_topic).await
+    }
 
+    /// A PostgreSQL and a ClickHouse database named `name`, for topics that
+    /// already exist on `brokers` (a mock cluster, say).
+    pub async fn with_topics(
+        name: String,
+        brokers: &str,
+        topic: String,
+        dlq_topic: String,
+    ) -> TestEnv {
         let postgres_url = create_postgres_database(&name).await;
 
         let clickhouse = clickhouse::Client::default().with_url(clickhouse_url());
@@ -141,7 +151,7 @@ impl TestEnv {
             .expect("create clickhouse database");
 
         let config = PipelineConfig {
-            brokers: brokers(),
+            brokers: brokers.to_string(),
             group_id: format!("{name}_group"),
             topic,
             dlq_topic,

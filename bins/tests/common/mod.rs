@@ -1,5 +1,191 @@
 //! The tests' harness is the library's scratch environments.
 
-#![allow(unused_imports)]
+#![allow(unused_imports, dead_code)]
 
 pub use stream_bins::scratch::*;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `processor` process on a scratch environment, with its admin endpoint
+/// on a free port and its log in a temporary file.
+pub struct ProcessorProcess {
+    pub child: Child,
+    pub admin: String,
+    pub log: std::path::PathBuf,
+}
+
+impl ProcessorProcess {
+    /// Starts the processor binary on `env`, with extra environment variables.
+    pub fn start(env: &TestEnv, extra: &[(&str, &str)]) -> ProcessorProcess {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let log = std::env::temp_dir().join(format!("{}.log", unique_name("processor")));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let config = &env.config;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_processor"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info,rdkafka=warn")
+            .env("KAFKA_BROKERS", &config.brokers)
+            .env("KAFKA_GROUP", &config.group_id)
+            .env("KAFKA_TOPIC", &config.topic)
+            .env("KAFKA_DLQ_TOPIC", &config.dlq_topic)
+            .env("POSTGRES_URL", &config.postgres_url)
+            .env("CLICKHOUSE_URL", &config.clickhouse_url)
+            .env("CLICKHOUSE_DATABASE", &config.clickhouse_database)
+            .env("METRICS_ADDR", &admin)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        for (name, value) in extra {
+            command.env(name, value);
+        }
+        let child = command.spawn().expect("processor starts");
+        ProcessorProcess { child, admin, log }
+    }
+
+    /// Polls `/readyz` until it answers 200 (panics after `deadline`, or if
+    /// the process exits first).
+    pub fn wait_ready(&mut self, deadline: Duration) {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "processor exited ({status}) before it was ready:\n{}",
+                    self.log_tail()
+                );
+            }
+            if matches!(http_get(&self.admin, "/readyz"), Ok((200, _))) {
+                return;
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "processor not ready after {deadline:?}:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A counter or gauge from `/metrics`, summed over its labels.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = http_get(&self.admin, "/metrics").ok()?;
+        let mut total = None;
+        for line in body.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let series_name = series.split('{').next().unwrap_or(series);
+            if series_name == name {
+                *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+            }
+        }
+        total
+    }
+
+    /// SIGKILL: no drain, no last checkpoint.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit code.
+    pub fn terminate(&mut self, deadline: Duration) -> Option<i32> {
+        sigterm(self.child.id());
+        self.wait_exit(deadline)
+    }
+
+    /// Waits (bounded) for the process to exit; its code (None: a signal).
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<i32> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "processor did not exit within {deadline:?}:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of the log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for ProcessorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends SIGTERM with the `kill` command (no libc dependency).
+fn sigterm(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}
+
+/// Reconciles the environment's topic with the stores and the DLQ.
+pub async fn audit(env: &TestEnv) -> stream_bins::audit::Audit {
+    stream_bins::audit::audit(&env.connections())
+        .await
+        .expect("audit runs")
+}
+
+/// Stops a local service for an outage test and starts it again when
+/// dropped, even when the test fails half-way.
+pub struct Outage {
+    service: &'static str,
+    restored: bool,
+}
+
+const SERVICES_SH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
+
+impl Outage {
+    /// `scripts/services.sh stop <service>`.
+    pub fn begin(service: &'static str) -> Outage {
+        let stopped = Command::new("bash")
+            .args([SERVICES_SH, "stop", service])
+            .status()
+            .expect("services.sh stop");
+        assert!(stopped.success(), "services.sh stop {service} failed");
+        Outage {
+            service,
+            restored: false,
+        }
+    }
+
+    /// `scripts/services.sh up`: the service is back and healthy.
+    pub fn end(&mut self) {
+        let up = Command::new("bash")
+            .args([SERVICES_SH, "up"])
+            .status()
+            .expect("services.sh up");
+        assert!(
+            up.success(),
+            "services.sh up failed after stopping {}",
+            self.service
+        );
+        self.restored = true;
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        if !self.restored {
+            let _ = Command::new("bash").args([SERVICES_SH, "up"]).status();
+        }
+    }
+}
