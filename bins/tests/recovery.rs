@@ -374,3 +374,86 @@ async fn clickhouse_stopped_for_20s_pauses_intake_and_everything_arrives_afterwa
     eprintln!("{}", audit.render());
     assert_clean(&audit, &ledger);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamctl_kill_restarts_from_the_checkpoint_and_past_the_intensity_the_process_exits_1() {
+    let env = TestEnv::new("adminkill", 3).await;
+    let mut processor = ProcessorProcess::start(
+        &env,
+        &[("MAX_RESTARTS", "2"), ("RESTART_WINDOW_SECS", "600")],
+    );
+    processor.wait_ready(Duration::from_secs(60));
+    let ledger = env.produce(20_000, 0.01, 21).await;
+    wait_until("some rows stored", Duration::from_secs(60), || async {
+        stored(&env).await > 2_000
+    })
+    .await;
+    let streamctl = |arguments: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_streamctl"))
+            .args(arguments)
+            .output()
+            .expect("streamctl runs")
+    };
+    // An actor kill: the supervisor restarts the pipeline from the checkpoint.
+    let killed_at = now_seconds();
+    let kill = streamctl(&["kill", "sink", "--admin", &processor.admin]);
+    assert!(kill.status.success(), "{kill:?}");
+    assert_eq!(String::from_utf8_lossy(&kill.stdout).trim(), "killed sink");
+    wait_until("generation 2 ready", Duration::from_secs(60), || {
+        let status = http_get(&processor.admin, "/status");
+        let ready = matches!(http_get(&processor.admin, "/readyz"), Ok((200, _)));
+        async move {
+            ready
+                && status.is_ok_and(|(_, body)| {
+                    serde_json::from_str::<serde_json::Value>(&body)
+                        .is_ok_and(|json| json["generation"] == 2 && json["restarts"]["sink"] == 1)
+                })
+        }
+    })
+    .await;
+    let restarted_at = now_seconds();
+    wait_until(
+        "a commit by the new generation",
+        Duration::from_secs(60),
+        || async { last_checkpoint_at(&env).await > restarted_at },
+    )
+    .await;
+    eprintln!(
+        "actor kill (sink): running again {:.2} s and first new commit {:.2} s after the kill",
+        restarted_at - killed_at,
+        now_seconds() - killed_at
+    );
+    let status = streamctl(&["status", "--admin", &processor.admin]);
+    assert!(status.status.success());
+    assert!(String::from_utf8_lossy(&status.stdout).contains("\"ready\":true"));
+    let unknown = streamctl(&["kill", "nobody", "--admin", &processor.admin]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stdout).contains("no actor named"));
+
+    env.wait_for_catch_up(Duration::from_secs(120)).await;
+    let audit = audit(&env).await;
+    assert_clean(&audit, &ledger);
+
+    // Restart intensity 2: the third failure escalates and the process exits 1.
+    for actor in ["parser", "committer"] {
+        wait_until(
+            "ready before the next kill",
+            Duration::from_secs(60),
+            || {
+                let ready = matches!(http_get(&processor.admin, "/readyz"), Ok((200, _)));
+                async move { ready }
+            },
+        )
+        .await;
+        assert!(streamctl(&["kill", actor, "--admin", &processor.admin])
+            .status
+            .success());
+    }
+    assert_eq!(
+        processor.wait_exit(Duration::from_secs(60)),
+        Some(1),
+        "{}",
+        processor.log_tail()
+    );
+    assert!(processor.log_tail().contains("more than 2 restarts"));
+}

@@ -337,6 +337,12 @@ def rule_env(docs, project_image, settings=binary_settings):
     return bad
 
 
+# What each binary serves for its probes on the metrics port: the processor's
+# admin endpoint has real health (the supervisor runs) and readiness (all five
+# actors run; 503 while it restarts them); the others only serve /metrics.
+PROBE_PATHS = {"processor": {"livenessProbe": "/healthz", "readinessProbe": "/readyz"}}
+
+
 def rule_metrics(docs, project_image):
     """METRICS_ADDR binds 0.0.0.0, and its port is the `metrics` port, the scrape annotation's and the probes'."""
     bad = []
@@ -356,10 +362,12 @@ def rule_metrics(docs, project_image):
             bad.append("%s: pod lacks prometheus.io/scrape: \"true\"" % at)
         if annotations.get("prometheus.io/port") != port:
             bad.append("%s: prometheus.io/port %r, METRICS_ADDR port %s" % (at, annotations.get("prometheus.io/port"), port))
+        binary = (container_command(container) or [""])[0]
         for probe in ("livenessProbe", "readinessProbe"):
+            path = PROBE_PATHS.get(binary, {}).get(probe, "/metrics")
             get = (container.get(probe) or {}).get("httpGet")
-            if get and (get.get("path") != "/metrics" or str(ports.get(get.get("port"), get.get("port"))) != port):
-                bad.append("%s: %s is not GET /metrics on the metrics port" % (at, probe))
+            if get and (get.get("path") != path or str(ports.get(get.get("port"), get.get("port"))) != port):
+                bad.append("%s: %s is not GET %s on the metrics port" % (at, probe, path))
     return bad
 
 
@@ -530,8 +538,8 @@ def good_deployment():
                 "containers": [{
                     "name": "tiny", "image": "stream-pipeline:dev", "command": ["processor"],
                     "env": [{"name": "KAFKA_BROKERS", "value": "redpanda:9092"}],
-                    "livenessProbe": {"httpGet": {"path": "/metrics", "port": 9464}},
-                    "readinessProbe": {"httpGet": {"path": "/metrics", "port": 9464}},
+                    "livenessProbe": {"httpGet": {"path": "/healthz", "port": 9464}},
+                    "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9464}},
                     "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
                                   "limits": {"cpu": "100m", "memory": "64Mi"}},
                     "securityContext": {"allowPrivilegeEscalation": False,
@@ -687,6 +695,32 @@ class NegativeSelfChecks(unittest.TestCase):
         violations = rule_metrics(docs, "stream-pipeline:dev")
         self.assertTrue(any("0.0.0.0" in v for v in violations), violations)
         self.assertTrue(any("prometheus.io/port" in v for v in violations), violations)
+
+    def test_processor_probes_use_health_and_readiness(self):
+        """self-check: a processor probing /metrics instead of /healthz and /readyz is rejected"""
+        def metrics_probes(pod):
+            container = pod["containers"][0]
+            container["env"].append({"name": "METRICS_ADDR", "value": "0.0.0.0:9464"})
+            container["ports"] = [{"name": "metrics", "containerPort": 9464}]
+            container["readinessProbe"] = {"httpGet": {"path": "/metrics", "port": "metrics"}}
+        docs = self.broken(metrics_probes)
+        docs[0]["spec"]["template"]["metadata"]["annotations"] = {"prometheus.io/scrape": "true", "prometheus.io/port": "9464"}
+        violations = rule_metrics(docs, "stream-pipeline:dev")
+        self.assertEqual(1, len(violations), violations)
+        self.assertIn("readinessProbe is not GET /readyz on the metrics port", violations[0])
+
+    def test_processor_probes_use_health_and_readiness(self):
+        """self-check: a processor probing /metrics instead of /healthz and /readyz is rejected"""
+        def metrics_probes(pod):
+            container = pod["containers"][0]
+            container["env"].append({"name": "METRICS_ADDR", "value": "0.0.0.0:9464"})
+            container["ports"] = [{"name": "metrics", "containerPort": 9464}]
+            container["readinessProbe"] = {"httpGet": {"path": "/metrics", "port": "metrics"}}
+        docs = self.broken(metrics_probes)
+        docs[0]["spec"]["template"]["metadata"]["annotations"] = {"prometheus.io/scrape": "true", "prometheus.io/port": "9464"}
+        violations = rule_metrics(docs, "stream-pipeline:dev")
+        self.assertEqual(1, len(violations), violations)
+        self.assertIn("readinessProbe is not GET /readyz on the metrics port", violations[0])
 
     def test_dockerfile(self):
         """self-check: a Dockerfile that runs as root or lacks a binary is rejected"""

@@ -1,11 +1,11 @@
 //! Supervision of the pipeline.
 //!
-//! The tree: the process (`processor`) is the root: it owns one
-//! [`PipelineSupervisor`] per pipeline and exits non-zero when one escalates,
-//! so that Kubernetes restarts the pod. The pipeline supervisor owns the
-//! shared clients (checkpoint store, DLQ producer) and the five actors,
-//! linked to itself and joined with bounded mailboxes. It is the only place
-//! that knows the wiring.
+//! The tree: [`root::RootSupervisor`] owns one [`PipelineSupervisor`] per
+//! pipeline and escalates when one does (the process then exits non-zero, so
+//! that Kubernetes restarts the pod). The pipeline supervisor owns the shared
+//! clients (checkpoint store, DLQ producer) and the five actors, linked to
+//! itself and joined with bounded mailboxes. It is the only place that knows
+//! the wiring.
 //!
 //! Restart policy: one for all. When a child fails (an error, a panic) or
 //! stops when nobody asked it to, the supervisor kills the other four, flushes
@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod root;
 pub mod solo;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -661,11 +662,11 @@ pub(crate) fn mark_stopped(exit: &watch::Sender<PipelineExit>) {
 
 /// A running pipeline, as its owner sees it.
 pub struct PipelineHandle {
-    /// The supervisor, for `Status` and `Shutdown`.
+    /// The pipeline supervisor, for `Status`, `Kill` and `Shutdown`.
     pub supervisor: ActorRef<PipelineMsg>,
-    /// Completes when the supervisor has stopped.
+    /// Completes when the root supervisor has stopped.
     pub join: tokio::task::JoinHandle<()>,
-    /// How the pipeline ended (or `Running`).
+    /// How the tree ended (or `Running`), as the root publishes it.
     pub exit: watch::Receiver<PipelineExit>,
 }
 
@@ -716,18 +717,28 @@ pub async fn start_pipeline_with(
     faults: Arc<Faults>,
 ) -> Result<PipelineHandle, StartError> {
     let (exit_sender, exit_receiver) = watch::channel(PipelineExit::Running);
-    let (supervisor, join) = Actor::spawn(
+    let (started_sender, started) = watch::channel(Vec::new());
+    let (_root, join) = Actor::spawn(
         None,
-        PipelineSupervisor,
-        PipelineArgs {
-            config,
-            policy,
-            faults,
+        root::RootSupervisor,
+        root::RootArgs {
+            pipelines: vec![PipelineArgs {
+                config,
+                policy,
+                faults,
+                exit: watch::channel(PipelineExit::Running).0,
+            }],
             exit: exit_sender,
+            started: started_sender,
         },
     )
     .await
     .map_err(|spawn_error| StartError::Spawn(startup_message(&spawn_error)))?;
+    let supervisor = started
+        .borrow()
+        .first()
+        .cloned()
+        .ok_or_else(|| StartError::Spawn("the root started no pipeline".to_string()))?;
     Ok(PipelineHandle {
         supervisor,
         join,
