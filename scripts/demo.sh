@@ -72,7 +72,8 @@ say "== 1. processor =="
 PROCESSOR_PID=""
 start_processor() {
   "$BIN/processor" --brokers "$BROKERS" --group "$GROUP" --postgres-url "$POSTGRES_URL" \
-    --clickhouse-url "$CLICKHOUSE_URL" --metrics-addr "$METRICS_ADDR" >>"$STATE/processor.log" 2>&1 &
+    --clickhouse-url "$CLICKHOUSE_URL" --metrics-addr "$METRICS_ADDR" \
+    >>"$STATE/processor.log" 2>&1 &
   PROCESSOR_PID=$!
   for _ in $(seq 1 200); do
     if curl -sf "http://$METRICS_ADDR/readyz" >/dev/null 2>&1; then return 0; fi

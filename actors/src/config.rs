@@ -37,6 +37,12 @@ pub struct PipelineConfig {
     /// drops, to reach the start of the record batch holding the checkpoint
     /// (needed on Tansu; 0 is right for Kafka and Redpanda). See `consumer`.
     pub fetch_rewind: i64,
+    /// The consumer group session timeout: how soon the group gives a dead
+    /// member's partitions to the others (heartbeats go at a third of it).
+    /// Kafka and Redpanda refuse less than 6 s by default. Shorter is
+    /// quicker to recover from a SIGKILL but, on Tansu, makes a group of two
+    /// members flap (a member busy settling a revoke looks dead).
+    pub session_timeout: Duration,
     /// Whether replays are absorbed: unique `event_id` in PostgreSQL,
     /// ReplacingMergeTree in ClickHouse, read-back in the DLQ writer. Only the
     /// recovery tests' negative control turns it off (on fresh databases), to
@@ -63,6 +69,7 @@ impl PipelineConfig {
             commit_interval: Duration::from_millis(200),
             accepted_schema_versions: vec![1],
             fetch_rewind: 10_000,
+            session_timeout: Duration::from_millis(6000),
             dedup: true,
         }
     }

@@ -23,7 +23,9 @@
 //! stops, so a burst becomes lag, not memory.
 //!
 //! If it fails (the broker gone for good), its supervisor decides; records it
-//! read but did not commit are read again after a restart.
+//! read but did not commit are read again after a restart. It also fails on
+//! purpose when the group holds a dead member ([`OrphanWatch`]): the
+//! restart's fresh join gets the broker to evict it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -164,7 +166,7 @@ impl CheckpointingContext {
 
     /// Reads the checkpoint from a thread of its own: the rebalance callback
     /// runs inside librdkafka's poll, which may itself be on a runtime thread.
-    fn load_checkpoint(&self) -> Result<HashMap<i32, i64>, PipelineError> {
+    pub fn load_checkpoint(&self) -> Result<HashMap<i32, i64>, PipelineError> {
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
@@ -292,8 +294,16 @@ pub fn create_consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .set("session.timeout.ms", "3000")
-        .set("heartbeat.interval.ms", "1000")
+        .set(
+            "session.timeout.ms",
+            config.session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (config.session_timeout.as_millis() / 3)
+                .max(100)
+                .to_string(),
+        )
         .set("queued.max.messages.kbytes", "16384")
         .set("statistics.interval.ms", "1000")
         .create_with_context(context)
@@ -329,6 +339,98 @@ pub enum ConsumerMsg {
 /// The consumer's state.
 pub struct ConsumerState {
     args: ConsumerArgs,
+    /// Watches for partitions held by a dead member.
+    orphans: Arc<Mutex<OrphanWatch>>,
+}
+
+/// How long a partition may stand still with lag, unassigned to this member,
+/// while this member's own partitions move, before it rejoins the group.
+const STUCK_AFTER: Duration = Duration::from_secs(15);
+/// How often the consumer looks for such orphaned partitions.
+const ORPHAN_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Watches for partitions nobody alive consumes.
+///
+/// Seen on Tansu 0.6: when a member is killed while another joins, the group
+/// can settle with the dead member still holding partitions, and it is never
+/// evicted. Those partitions then have lag and a checkpoint that never moves.
+/// When this member sees that for [`STUCK_AFTER`], while its own partitions
+/// are caught up or moving (so it is not a store outage that stalls
+/// everybody), it fails; the supervisor's restart is a fresh join, which
+/// makes the broker evict the dead member. On a broker that evicts dead
+/// members itself this never triggers.
+#[derive(Debug, Default)]
+pub struct OrphanWatch {
+    /// Per partition: the checkpoint last seen and since when it stands still.
+    still: HashMap<i32, (i64, std::time::Instant)>,
+    last_check: Option<std::time::Instant>,
+}
+
+impl OrphanWatch {
+    /// Looks (at most every [`ORPHAN_CHECK_EVERY`]); returns why the group
+    /// looks stuck, if it does. Blocking: call from a blocking thread.
+    pub fn check(
+        &mut self,
+        consumer: &BaseConsumer<CheckpointingContext>,
+        topic: &str,
+    ) -> Option<String> {
+        let now = std::time::Instant::now();
+        if self
+            .last_check
+            .is_some_and(|last| now.duration_since(last) < ORPHAN_CHECK_EVERY)
+        {
+            return None;
+        }
+        self.last_check = Some(now);
+        let mine: std::collections::HashSet<i32> = consumer
+            .assignment()
+            .ok()?
+            .elements()
+            .iter()
+            .map(|element| element.partition())
+            .collect();
+        let checkpoint = consumer.context().load_checkpoint().ok()?;
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .find(|found| found.name() == topic)?
+            .partitions()
+            .iter()
+            .map(|partition| partition.id())
+            .collect();
+        let mut mine_stalled = false;
+        let mut orphans = Vec::new();
+        for partition in partitions {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(5))
+                .ok()?;
+            let next = checkpoint.get(&partition).copied().unwrap_or(0);
+            let entry = self.still.entry(partition).or_insert((next, now));
+            if entry.0 != next || high <= next {
+                // Moved, or nothing to do: not standing still.
+                *entry = (next, now);
+                continue;
+            }
+            if now.duration_since(entry.1) < STUCK_AFTER {
+                continue;
+            }
+            if mine.contains(&partition) {
+                mine_stalled = true;
+            } else {
+                orphans.push(partition);
+            }
+        }
+        if orphans.is_empty() || mine_stalled {
+            return None;
+        }
+        self.still.clear();
+        Some(format!(
+            "partitions {orphans:?} have lag and no progress for {STUCK_AFTER:?} and are not assigned here, while this member's own partitions move: the group holds a dead member; rejoining"
+        ))
+    }
 }
 
 /// The consumer actor.
@@ -347,7 +449,10 @@ impl Actor for ConsumerActor {
         args.consumer
             .subscribe(&[&args.topic])
             .map_err(PipelineError::kafka(format!("subscribe to {}", args.topic)))?;
-        Ok(ConsumerState { args })
+        Ok(ConsumerState {
+            args,
+            orphans: Arc::new(Mutex::new(OrphanWatch::default())),
+        })
     }
 
     async fn post_start(
@@ -368,11 +473,24 @@ impl Actor for ConsumerActor {
         state.args.faults.panic_if_armed("consumer");
         match message {
             ConsumerMsg::Poll => {
-                let consumer = state.args.consumer.clone();
+                let (consumer, topic, orphans) = (
+                    state.args.consumer.clone(),
+                    state.args.topic.clone(),
+                    state.orphans.clone(),
+                );
                 let batch_size = state.args.batch_size;
-                let records =
-                    tokio::task::spawn_blocking(move || poll_batch(&consumer, batch_size))
-                        .await??;
+                let (records, stuck) = tokio::task::spawn_blocking(move || {
+                    let records = poll_batch(&consumer, batch_size)?;
+                    let stuck = orphans
+                        .lock()
+                        .unwrap_or_else(|poison| poison.into_inner())
+                        .check(&consumer, &topic);
+                    Ok::<_, PipelineError>((records, stuck))
+                })
+                .await??;
+                if let Some(reason) = stuck {
+                    return Err(reason.into());
+                }
                 for notice in state.args.consumer.context().take_notices() {
                     match notice {
                         // Before any record of these partitions goes out.

@@ -324,6 +324,11 @@ pub struct ProcessorConfig {
     /// Tansu needs (0..=1000000; 0 is right for Kafka and Redpanda).
     #[arg(long, env = "FETCH_REWIND", default_value_t = 10_000)]
     pub fetch_rewind: i64,
+    /// Consumer group session timeout in milliseconds: how soon a dead
+    /// processor's partitions move to the others (1000..=300000). Kafka and
+    /// Redpanda refuse less than 6000 by default.
+    #[arg(long, env = "SESSION_TIMEOUT_MS", default_value_t = 6000)]
+    pub session_timeout_ms: u64,
     /// Address of the admin endpoint: `/metrics`, `/healthz`, `/readyz`,
     /// `/status`, `POST /actors/<name>/kill|panic`; empty to disable.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
@@ -431,6 +436,7 @@ impl ProcessorConfig {
             commit_interval: Duration::from_millis(self.commit_interval_ms),
             accepted_schema_versions,
             fetch_rewind: self.fetch_rewind,
+            session_timeout: Duration::from_millis(self.session_timeout_ms),
             ..self.connections.pipeline_config()
         };
         Ok((config, metrics_addr))
