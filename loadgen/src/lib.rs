@@ -379,6 +379,42 @@ async fn produce_share(state: &ProducerArgs, count: u64, rate: f64, seed: u64) -
     tally
 }
 
+/// The producers' supervisor: they are spawned linked to it, so a producer
+/// that fails (a panic; delivery errors are counted in its tally, not thrown)
+/// is recorded with its reason and the run fails with it, instead of hanging
+/// on a dead actor. No restart: the ledger must count what was really sent,
+/// and a half-done share cannot be resumed without sending duplicates.
+pub struct ProducerSupervisor;
+
+impl Actor for ProducerSupervisor {
+    type Msg = ();
+    type State = Arc<std::sync::Mutex<Vec<String>>>;
+    type Arguments = Arc<std::sync::Mutex<Vec<String>>>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        failures: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(failures)
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: ractor::SupervisionEvent,
+        failures: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let ractor::SupervisionEvent::ActorFailed(cell, reason) = event {
+            failures
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .push(format!("producer actor {} failed: {reason}", cell.get_id()));
+        }
+        Ok(())
+    }
+}
+
 /// Creates the idempotent producer.
 pub fn create_producer(brokers: &str) -> Result<FutureProducer, LoadgenError> {
     ClientConfig::new()
@@ -435,12 +471,16 @@ pub async fn run(config: &LoadgenConfig) -> Result<Ledger, LoadgenError> {
         })
     });
 
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (supervisor, supervisor_handle) = Actor::spawn(None, ProducerSupervisor, failures.clone())
+        .await
+        .map_err(|error| LoadgenError::Actor(error.to_string()))?;
     let mut calls = Vec::new();
     let mut actors = Vec::new();
     for index in 0..config.producers {
         let share = config.count / config.producers as u64
             + u64::from((index as u64) < config.count % config.producers as u64);
-        let (actor, handle) = Actor::spawn(
+        let (actor, handle) = Actor::spawn_linked(
             None,
             ProducerActor,
             ProducerArgs {
@@ -449,6 +489,7 @@ pub async fn run(config: &LoadgenConfig) -> Result<Ledger, LoadgenError> {
                 poison_rate: config.poison_rate,
                 delivered: delivered.clone(),
             },
+            supervisor.get_cell(),
         )
         .await
         .map_err(|error| LoadgenError::Actor(error.to_string()))?;
@@ -476,7 +517,16 @@ pub async fn run(config: &LoadgenConfig) -> Result<Ledger, LoadgenError> {
     let mut ledger = Ledger::default();
     let mut failed = 0u64;
     let mut first_error = None;
-    for outcome in futures::future::join_all(calls).await {
+    let outcomes = futures::future::join_all(calls).await;
+    let supervised = |fallback: String| {
+        let failures = failures.lock().unwrap_or_else(|poison| poison.into_inner());
+        if failures.is_empty() {
+            LoadgenError::Actor(fallback)
+        } else {
+            LoadgenError::Actor(failures.join("; "))
+        }
+    };
+    for outcome in outcomes {
         match outcome {
             Ok(ractor::rpc::CallResult::Success(tally)) => {
                 ledger.absorb(&tally);
@@ -485,18 +535,16 @@ pub async fn run(config: &LoadgenConfig) -> Result<Ledger, LoadgenError> {
                     first_error = tally.first_error;
                 }
             }
-            Ok(other) => {
-                return Err(LoadgenError::Actor(format!(
-                    "producer did not answer: {other:?}"
-                )))
-            }
-            Err(error) => return Err(LoadgenError::Actor(error.to_string())),
+            Ok(other) => return Err(supervised(format!("producer did not answer: {other:?}"))),
+            Err(error) => return Err(supervised(error.to_string())),
         }
     }
     for (actor, handle) in actors {
         actor.stop(None);
         let _ = handle.await;
     }
+    supervisor.stop(None);
+    let _ = supervisor_handle.await;
     if let Some(task) = progress_task {
         task.abort();
     }
@@ -515,6 +563,54 @@ pub async fn run(config: &LoadgenConfig) -> Result<Ledger, LoadgenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A child that panics on its first message.
+    struct Fragile;
+
+    impl Actor for Fragile {
+        type Msg = ();
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<Self::Msg>,
+            _args: Self::Arguments,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(())
+        }
+
+        async fn handle(
+            &self,
+            _myself: ActorRef<Self::Msg>,
+            _message: Self::Msg,
+            _state: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            panic!("producer bug");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_supervisor_records_a_failed_producer_with_its_reason() {
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (supervisor, handle) = Actor::spawn(None, ProducerSupervisor, failures.clone())
+            .await
+            .unwrap();
+        let (child, child_handle) = Actor::spawn_linked(None, Fragile, (), supervisor.get_cell())
+            .await
+            .unwrap();
+        child.cast(()).unwrap();
+        let _ = child_handle.await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while failures.lock().unwrap().is_empty() && Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        let recorded = failures.lock().unwrap().clone();
+        assert_eq!(recorded.len(), 1, "{recorded:?}");
+        assert!(recorded[0].contains("producer bug"), "{recorded:?}");
+        supervisor.stop(None);
+        let _ = handle.await;
+    }
 
     #[test]
     fn the_same_seed_makes_the_same_records() {
