@@ -164,7 +164,8 @@ printf 'error budget left (last hour, slo:error_budget:remaining1h): %.1f%%\n' "
 printf 'alerts: %s\n' "$(curl -sf "http://$PROMETHEUS_ADDR/api/v1/alerts" |
   python3 -c 'import json,sys; a=json.load(sys.stdin)["data"]["alerts"]; print(", ".join(x["labels"]["alertname"]+"="+x["state"] for x in a) or "none pending or firing")')"
 
-"$BIN/streamctl" chart --prometheus "$PROMETHEUS_ADDR" --start "$((RUN_START - 10))" --out "$STATE/demo.png"
+"$BIN/streamctl" chart --prometheus "$PROMETHEUS_ADDR" --start "$((RUN_START - 10))" --out "$STATE/demo.png" \
+  --mark "$KILL_ACTOR_AT:kill sink" --mark "$KILL_PROCESS_AT:SIGKILL processor"
 
 say "== 4. queue contrast: the broker redrives after maxReceiveCount =="
 "$BIN/streamctl" sqs setup --queue orders --dlq orders-dlq --max-receive-count 3 --purge >&2
