@@ -22,7 +22,7 @@ K := $(KUBECTL) --context $(KUBE_CONTEXT)
 KUSTOMIZE_FLAGS := --load-restrictor LoadRestrictionsNone
 TIMEOUT ?= 600s
 
-.PHONY: help print-image print-cluster k3d-up images deploy wait demo-k8s k3d-down render check
+.PHONY: help print-image print-cluster k3d-up images deploy wait demo-k8s k3d-down render check bench
 
 help:
 	@echo "make k3d-up      create the k3d cluster $(CLUSTER) ($(K3D_CONFIG))"
@@ -32,6 +32,7 @@ help:
 	@echo "make k3d-down    delete the cluster"
 	@echo "make render      print the rendered manifests"
 	@echo "make check       offline checks (scripts/check-k8s.sh)"
+	@echo "make bench       issue 7's benchmarks on the local services (cargo run -p bench --release; BENCH_ARGS=... passes flags)"
 
 print-image:
 	@echo $(IMAGE)
@@ -75,3 +76,10 @@ k3d-down:
 
 check:
 	bash scripts/check-k8s.sh
+
+# Issue 7's benchmarks, side by side on the local services (scripts/services.sh up):
+# a Markdown table on stdout, bench.md, bench.png and RSS CSVs in target/bench/.
+# Smaller run: make bench BENCH_ARGS="--events 100000 --memory-events 200000"
+BENCH_ARGS ?=
+bench:
+	cargo run -p bench --release -- $(BENCH_ARGS)
