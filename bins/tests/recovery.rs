@@ -333,9 +333,24 @@ async fn clickhouse_stopped_for_20s_pauses_intake_and_everything_arrives_afterwa
         stored(&env).await > 5_000
     })
     .await;
+    let rss_mb = |pid: u32| -> f64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find(|line| line.starts_with("VmRSS:"))
+                    .and_then(|line| line.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(0.0)
+    };
     let mut clickhouse = Outage::begin("clickhouse");
     let outage = Instant::now();
     let rows_at_stop = stored(&env).await;
+    let rss_at_stop = rss_mb(processor.child.id());
+    let mut rss_max = rss_at_stop;
     // During the outage: the breaker opens, nothing passes the sink, no
     // valid event is dead-lettered, the process stays up and small.
     let mut breaker_opened = false;
@@ -348,6 +363,7 @@ async fn clickhouse_stopped_for_20s_pauses_intake_and_everything_arrives_afterwa
         breaker_opened |= processor
             .metric("stream_circuit_breaker_state")
             .is_some_and(|state| state >= 2.0);
+        rss_max = rss_max.max(rss_mb(processor.child.id()));
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(
