@@ -20,10 +20,21 @@
 //! before capture starts, so group join and connection set-up are not in the
 //! figures. The number of samples must equal the valid events the measured
 //! load sent: no sample is lost or counted twice.
+//!
+//! Baseline, side by side in the same run: a no-op rdkafka consumer (default
+//! librdkafka settings, like the pipeline's consumer) assigned at the end of
+//! the topic before the measured load starts, taking (its receive time minus
+//! the same Kafka timestamp) for every record of the measured load. What the
+//! broker and the client add alone shows there; the rest is the pipeline's.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
 
 use metrics::{Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder};
 use metrics::{SharedString, Unit};
@@ -111,6 +122,64 @@ pub struct LatencyResult {
     pub p99: f64,
     /// Largest sample, seconds.
     pub max: f64,
+    /// The no-op consumer's samples (all records of the measured load).
+    pub raw_samples: usize,
+    /// Its median, seconds.
+    pub raw_p50: f64,
+    /// Its 99th percentile, seconds.
+    pub raw_p99: f64,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// A no-op consumer assigned at the current end of `topic`: for each of the
+/// next `expected` records, receive time minus Kafka timestamp, in seconds.
+/// Says `ready` once assigned.
+fn raw_latencies(
+    brokers: &str,
+    topic: &str,
+    expected: u64,
+    deadline: Duration,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> anyhow::Result<Vec<f64>> {
+    let ends = stream_bins::inspect::end_offsets(brokers, topic)?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}_latency_noop"))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for (partition, end) in &ends {
+        assignment.add_partition_offset(topic, *partition, Offset::Offset(*end))?;
+    }
+    consumer.assign(&assignment)?;
+    // One empty poll so the fetch sessions exist before the load starts.
+    if let Some(message) = consumer.poll(Duration::from_millis(500)) {
+        anyhow::bail!("a record past the end before the load started: {message:?}");
+    }
+    let _ = ready.send(());
+    let started = Instant::now();
+    let mut samples = Vec::with_capacity(expected as usize);
+    while (samples.len() as u64) < expected {
+        anyhow::ensure!(
+            started.elapsed() < deadline,
+            "the no-op consumer saw {} of {expected} records within {deadline:?}",
+            samples.len()
+        );
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message?;
+            let received = now_ms();
+            if let Some(created) = message.timestamp().to_millis() {
+                samples.push((received - created).max(0) as f64 / 1000.0);
+            }
+        }
+    }
+    Ok(samples)
 }
 
 /// Nearest-rank quantile of sorted samples.
@@ -143,7 +212,25 @@ pub async fn run(capture: &Capture, rate: u64, seconds: u64) -> anyhow::Result<L
     env.wait_for_catch_up(Duration::from_secs(300)).await;
 
     let count = rate * seconds;
-    eprintln!("bench: latency: {count} events at {rate}/s with the pipeline running");
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (brokers, topic) = (env.config.brokers.clone(), env.config.topic.clone());
+    let raw = tokio::task::spawn_blocking(move || {
+        raw_latencies(
+            &brokers,
+            &topic,
+            count,
+            Duration::from_secs(seconds + 120),
+            ready_tx,
+        )
+    });
+    if ready_rx.await.is_err() {
+        // The no-op consumer failed before it was ready: its error says why.
+        raw.await??;
+        anyhow::bail!("the no-op latency consumer stopped before the load");
+    }
+    eprintln!(
+        "bench: latency: {count} events at {rate}/s with the pipeline and a no-op consumer running"
+    );
     capture.start();
     let started = Instant::now();
     let ledger = loadgen::run(&load(count, 7002)).await;
@@ -172,7 +259,18 @@ pub async fn run(capture: &Capture, rate: u64, seconds: u64) -> anyhow::Result<L
         ledger.valid
     );
     samples.sort_by(f64::total_cmp);
+    let mut raw_samples = raw.await??;
+    anyhow::ensure!(
+        raw_samples.len() as u64 == ledger.sent,
+        "the no-op consumer saw {} records, the load sent {}",
+        raw_samples.len(),
+        ledger.sent
+    );
+    raw_samples.sort_by(f64::total_cmp);
     Ok(LatencyResult {
+        raw_samples: raw_samples.len(),
+        raw_p50: quantile(&raw_samples, 0.50),
+        raw_p99: quantile(&raw_samples, 0.99),
         sent: ledger.sent,
         samples: samples.len(),
         achieved_rate: ledger.rate,
