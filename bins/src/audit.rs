@@ -109,11 +109,7 @@ type Positions = HashMap<(i32, i64), u64>;
 
 async fn postgres_positions(postgres_url: &str) -> anyhow::Result<Positions> {
     let client = connect_postgres(postgres_url).await?;
-    let exists: bool = client
-        .query_one("SELECT to_regclass('events') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    if !exists {
+    if !crate::inspect::table_exists(&client, "events").await? {
         return Ok(Positions::new());
     }
     let rows = client

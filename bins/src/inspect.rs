@@ -51,14 +51,7 @@ pub async fn checkpoint_offsets(
     topic: &str,
 ) -> anyhow::Result<BTreeMap<i32, i64>> {
     let client = connect_postgres(postgres_url).await?;
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass('pipeline_checkpoints') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get(0);
-    if !exists {
+    if !table_exists(&client, "pipeline_checkpoints").await? {
         return Ok(BTreeMap::new());
     }
     let rows = client
@@ -73,6 +66,37 @@ pub async fn checkpoint_offsets(
         .collect())
 }
 
+/// Whether a PostgreSQL table exists (the pipeline creates its tables on start).
+pub async fn table_exists(client: &tokio_postgres::Client, table: &str) -> anyhow::Result<bool> {
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await?
+        .get(0))
+}
+
+/// When the newest checkpoint was written, in seconds since the Unix epoch
+/// (0 when there is none yet or the database cannot be read): the recovery
+/// tests and benchmark time "the first new commit" with it.
+pub async fn last_checkpoint_at(postgres_url: &str) -> f64 {
+    let Ok(client) = connect_postgres(postgres_url).await else {
+        return 0.0;
+    };
+    if !table_exists(&client, "pipeline_checkpoints")
+        .await
+        .unwrap_or(false)
+    {
+        return 0.0;
+    }
+    client
+        .query_one(
+            "SELECT COALESCE(EXTRACT(EPOCH FROM max(updated_at))::float8, 0) FROM pipeline_checkpoints",
+            &[],
+        )
+        .await
+        .map(|row| row.get::<_, f64>(0))
+        .unwrap_or(0.0)
+}
+
 /// Row counts of the PostgreSQL `events` table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PostgresCounts {
@@ -85,11 +109,7 @@ pub struct PostgresCounts {
 /// Counts the PostgreSQL `events` table (zero if it does not exist yet).
 pub async fn postgres_counts(postgres_url: &str) -> anyhow::Result<PostgresCounts> {
     let client = connect_postgres(postgres_url).await?;
-    let exists: bool = client
-        .query_one("SELECT to_regclass('events') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    if !exists {
+    if !table_exists(&client, "events").await? {
         return Ok(PostgresCounts {
             rows: 0,
             distinct_event_ids: 0,
