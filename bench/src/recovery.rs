@@ -74,18 +74,7 @@ where
 }
 
 async fn last_checkpoint_at(env: &TestEnv) -> f64 {
-    let Ok(client) = stream_actors::storage::connect_postgres(&env.config.postgres_url).await
-    else {
-        return 0.0;
-    };
-    client
-        .query_one(
-            "SELECT COALESCE(EXTRACT(EPOCH FROM max(updated_at))::float8, 0) FROM pipeline_checkpoints",
-            &[],
-        )
-        .await
-        .map(|row| row.get::<_, f64>(0))
-        .unwrap_or(0.0)
+    stream_bins::inspect::last_checkpoint_at(&env.config.postgres_url).await
 }
 
 async fn lag(env: &TestEnv) -> i64 {
