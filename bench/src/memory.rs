@@ -175,18 +175,11 @@ async fn drain(
     flags: &[String],
     log: &Path,
 ) -> anyhow::Result<MemoryRun> {
-    let config = &env.config;
     let admin = format!("127.0.0.1:{}", scratch::free_port());
     let log_file =
         std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let mut child = Command::new(processor)
-        .args(["--brokers", &config.brokers])
-        .args(["--group", &config.group_id])
-        .args(["--topic", &config.topic])
-        .args(["--dlq-topic", &config.dlq_topic])
-        .args(["--postgres-url", &config.postgres_url])
-        .args(["--clickhouse-url", &config.clickhouse_url])
-        .args(["--clickhouse-database", &config.clickhouse_database])
+        .args(env.processor_flags())
         .args(["--mailbox-capacity", &capacity.to_string()])
         .args(["--metrics-addr", &admin])
         .args(flags)

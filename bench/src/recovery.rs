@@ -34,20 +34,13 @@ fn now_seconds() -> f64 {
 
 /// The release processor on `env`, its admin endpoint on `admin`.
 fn start(processor: &Path, env: &TestEnv, admin: &str, log: &Path) -> anyhow::Result<Child> {
-    let config = &env.config;
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .with_context(|| format!("cannot open {}", log.display()))?;
     Command::new(processor)
-        .args(["--brokers", &config.brokers])
-        .args(["--group", &config.group_id])
-        .args(["--topic", &config.topic])
-        .args(["--dlq-topic", &config.dlq_topic])
-        .args(["--postgres-url", &config.postgres_url])
-        .args(["--clickhouse-url", &config.clickhouse_url])
-        .args(["--clickhouse-database", &config.clickhouse_database])
+        .args(env.processor_flags())
         .args(["--metrics-addr", admin])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

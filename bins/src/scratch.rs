@@ -163,6 +163,24 @@ impl TestEnv {
         TestEnv { config }
     }
 
+    /// The processor's flags for this corner (brokers, group, topics, stores),
+    /// for measurements that run the binary.
+    pub fn processor_flags(&self) -> Vec<String> {
+        let config = &self.config;
+        [
+            ("--brokers", &config.brokers),
+            ("--group", &config.group_id),
+            ("--topic", &config.topic),
+            ("--dlq-topic", &config.dlq_topic),
+            ("--postgres-url", &config.postgres_url),
+            ("--clickhouse-url", &config.clickhouse_url),
+            ("--clickhouse-database", &config.clickhouse_database),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value.clone()])
+        .collect()
+    }
+
     /// The same corner as connection flags, for the report and `streamctl`.
     pub fn connections(&self) -> ConnectionArgs {
         ConnectionArgs {
