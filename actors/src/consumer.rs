@@ -28,6 +28,7 @@
 //! restart's fresh join gets the broker to evict it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -83,9 +84,27 @@ pub struct CheckpointingContext {
     floors: Mutex<HashMap<i32, i64>>,
     /// The committer, asked to settle revoked partitions before they go.
     committer: Mutex<Option<ActorRef<CommitterMsg>>>,
+    /// Held while polling and while rewinding, so that a poll of a killed
+    /// consumer actor (still running on its blocking thread) cannot take
+    /// records after the next generation's rewind.
+    poll_lock: Mutex<()>,
+    /// Set when this client must not be reused: the next generation joins
+    /// the group with a fresh one.
+    rejoin: AtomicBool,
 }
 
 impl CheckpointingContext {
+    /// Asks for a fresh client (and a fresh group membership) at the next
+    /// restart instead of reusing this one.
+    pub fn request_rejoin(&self) {
+        self.rejoin.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Self::request_rejoin`] was called.
+    pub fn rejoin_requested(&self) -> bool {
+        self.rejoin.load(Ordering::SeqCst)
+    }
+
     /// Takes the assignment changes since the last call.
     pub fn take_notices(&self) -> Vec<RebalanceNotice> {
         std::mem::take(
@@ -214,6 +233,9 @@ impl ConsumerContext for CheckpointingContext {
                     Ok(checkpoint) => checkpoint,
                     Err(load_error) => {
                         error!(%load_error, "cannot load checkpoint; assigning nothing");
+                        // librdkafka now waits for an assign that never
+                        // comes: only a fresh client gets out of that.
+                        self.request_rejoin();
                         self.push_notice(RebalanceNotice::CheckpointUnavailable(
                             load_error.to_string(),
                         ));
@@ -286,8 +308,18 @@ pub fn create_consumer(
         fetch_rewind: config.fetch_rewind,
         floors: Mutex::new(HashMap::new()),
         committer: Mutex::new(None),
+        poll_lock: Mutex::new(()),
+        rejoin: AtomicBool::new(false),
     };
-    let consumer: BaseConsumer<CheckpointingContext> = ClientConfig::new()
+    let mut client_config = ClientConfig::new();
+    // librdkafka's own debug contexts (for example `cgrp` for the group
+    // protocol), logged through `tracing` at `rdkafka=debug`.
+    if let Ok(contexts) = std::env::var("STREAM_KAFKA_DEBUG") {
+        client_config
+            .set("debug", contexts)
+            .set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
+    }
+    let consumer: BaseConsumer<CheckpointingContext> = client_config
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", &config.group_id)
         .set("enable.auto.commit", "false")
@@ -446,9 +478,27 @@ impl Actor for ConsumerActor {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        args.consumer
-            .subscribe(&[&args.topic])
-            .map_err(PipelineError::kafka(format!("subscribe to {}", args.topic)))?;
+        let subscribed = args
+            .consumer
+            .subscription()
+            .map_err(PipelineError::kafka("read the subscription"))?
+            .count()
+            > 0;
+        if subscribed {
+            // A restart in the same process: the client (and its place in
+            // the group) survived; only the actors are new. Rewind what it
+            // holds to the checkpoint and tell the new DLQ writer.
+            let (consumer, topic) = (args.consumer.clone(), args.topic.clone());
+            let assigned =
+                tokio::task::spawn_blocking(move || rewind_to_checkpoint(&consumer, &topic))
+                    .await??;
+            info!(?assigned, "rewound to the checkpoint");
+            args.dlq_writer.cast(DlqWriterMsg::Assigned(assigned))?;
+        } else {
+            args.consumer
+                .subscribe(&[&args.topic])
+                .map_err(PipelineError::kafka(format!("subscribe to {}", args.topic)))?;
+        }
         Ok(ConsumerState {
             args,
             orphans: Arc::new(Mutex::new(OrphanWatch::default())),
@@ -489,6 +539,7 @@ impl Actor for ConsumerActor {
                 })
                 .await??;
                 if let Some(reason) = stuck {
+                    state.args.consumer.context().request_rejoin();
                     return Err(reason.into());
                 }
                 for notice in state.args.consumer.context().take_notices() {
@@ -546,6 +597,11 @@ fn poll_batch(
     consumer: &BaseConsumer<CheckpointingContext>,
     batch_size: usize,
 ) -> Result<Vec<RawRecord>, PipelineError> {
+    let _polling = consumer
+        .context()
+        .poll_lock
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
     let mut records = Vec::new();
     let mut wait = POLL_WAIT;
     while records.len() < batch_size {
@@ -580,6 +636,111 @@ fn poll_batch(
     }
     Ok(records)
 }
+
+/// How often a rewind retries a seek that librdkafka refuses (a partition
+/// whose fetcher is still starting), and how long it waits between tries.
+const SEEK_ATTEMPTS: u32 = 20;
+const SEEK_RETRY_WAIT: Duration = Duration::from_millis(100);
+
+/// Puts every partition this client holds back at its checkpoint: the
+/// in-process restart's equivalent of a fresh assignment. Waits for any poll
+/// still running (a killed actor's), drops assignment notices the old
+/// generation did not see, sets each partition's floor to its checkpoint and
+/// seeks it `fetch_rewind` before (records fetched before the seek are
+/// discarded by librdkafka). Returns the assignment with its checkpoints, for
+/// the DLQ writer. Blocking: call from a blocking thread.
+///
+/// Reusing the client keeps the group stable across actor restarts: a new
+/// client per restart means a leave and a join each time, and Tansu 0.6 can
+/// settle such churn with a departed member as the group's leader, after
+/// which no member is ever assigned anything.
+pub fn rewind_to_checkpoint(
+    consumer: &BaseConsumer<CheckpointingContext>,
+    topic: &str,
+) -> Result<Vec<(i32, Option<i64>)>, PipelineError> {
+    let context = consumer.context();
+    let _polling = context
+        .poll_lock
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    for notice in context.take_notices() {
+        if let RebalanceNotice::CheckpointUnavailable(reason) = notice {
+            context.request_rejoin();
+            return Err(PipelineError::Rewind(format!(
+                "the checkpoint was unreadable at the last assignment: {reason}"
+            )));
+        }
+    }
+    let assignment = consumer
+        .assignment()
+        .map_err(PipelineError::kafka("read the assignment"))?;
+    let partitions: Vec<i32> = assignment
+        .elements()
+        .iter()
+        .filter(|element| element.topic() == topic)
+        .map(|element| element.partition())
+        .collect();
+    if partitions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let checkpoint = context.load_checkpoint()?;
+    let mut assigned = Vec::new();
+    let mut seeks = TopicPartitionList::new();
+    {
+        let mut floors = context
+            .floors
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        for partition in partitions {
+            let next = checkpoint.get(&partition).copied();
+            let (start, floor) = match next {
+                Some(next_offset) => (
+                    Offset::Offset((next_offset - context.fetch_rewind).max(0)),
+                    next_offset,
+                ),
+                None => (Offset::Beginning, 0),
+            };
+            floors.insert(partition, floor);
+            seeks
+                .add_partition_offset(topic, partition, start)
+                .map_err(PipelineError::kafka("build the seek list"))?;
+            assigned.push((partition, next));
+        }
+    }
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let failed: Vec<(i32, String)> = match consumer.seek_partitions(seeks.clone(), SEEK_WAIT) {
+            Ok(result) => result
+                .elements()
+                .iter()
+                .filter_map(|element| {
+                    element
+                        .error()
+                        .err()
+                        .map(|seek_error| (element.partition(), seek_error.to_string()))
+                })
+                .collect(),
+            Err(seek_error) => vec![(-1, seek_error.to_string())],
+        };
+        if failed.is_empty() {
+            return Ok(assigned);
+        }
+        if attempt >= SEEK_ATTEMPTS {
+            // Records past the checkpoint may already have been fetched and
+            // taken: without the seek they would be skipped. Start over with
+            // a fresh client, which is assigned at the checkpoint.
+            context.request_rejoin();
+            return Err(PipelineError::Rewind(format!(
+                "librdkafka refused to seek (partition, error): {failed:?}"
+            )));
+        }
+        std::thread::sleep(SEEK_RETRY_WAIT);
+    }
+}
+
+/// How long one seek waits for librdkafka.
+const SEEK_WAIT: Duration = Duration::from_secs(5);
 
 /// Checks, before anything starts, that the broker answers and the topics
 /// exist (the broker may not auto-create them), so that a wrong address or

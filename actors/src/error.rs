@@ -37,6 +37,9 @@ pub enum PipelineError {
     /// A downstream actor has stopped.
     #[error(transparent)]
     Mailbox(#[from] MailboxError),
+    /// A restart could not put the consumer back at the checkpoint.
+    #[error("rewind to the checkpoint: {0}")]
+    Rewind(String),
     /// The configuration cannot work; names the setting.
     #[error("invalid setting {setting}: {reason}")]
     Config {

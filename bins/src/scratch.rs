@@ -81,6 +81,18 @@ pub async fn create_topic(name: &str, partitions: i32) {
     .await;
 }
 
+/// Sends the pipeline's `tracing` output through the test harness, so a
+/// failing test shows what its actors logged (`RUST_LOG` sets the level).
+pub fn init_test_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// Polls `condition` every 100 ms until it holds; panics after `deadline`.
 pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut condition: F)
 where
@@ -141,6 +153,7 @@ impl TestEnv {
         topic: String,
         dlq_topic: String,
     ) -> TestEnv {
+        init_test_tracing();
         let postgres_url = create_postgres_database(&name).await;
 
         let clickhouse = clickhouse::Client::default().with_url(clickhouse_url());

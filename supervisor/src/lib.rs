@@ -211,14 +211,31 @@ struct Shared {
     store: Arc<CheckpointStore>,
     producer: FutureProducer,
     faults: Arc<Faults>,
+    /// The Kafka consumer client. It outlives the generations of children,
+    /// so an actor restart is a rewind, not a leave and a rejoin; it is
+    /// replaced only when the consumer asks for a fresh membership.
+    kafka: Option<Arc<BaseConsumer<CheckpointingContext>>>,
 }
 
 impl Shared {
     /// Spawns the five children linked to `supervisor`. If one fails to
     /// start, the ones already started are killed.
-    async fn spawn_children(&self, supervisor: ActorCell) -> Result<Children, ActorProcessingErr> {
+    async fn spawn_children(
+        &mut self,
+        supervisor: ActorCell,
+    ) -> Result<Children, ActorProcessingErr> {
+        let kafka_consumer = match &self.kafka {
+            Some(client) => client.clone(),
+            None => {
+                let client = create_consumer(&self.config, self.store.clone())?;
+                self.kafka = Some(client.clone());
+                client
+            }
+        };
         let mut started: Vec<ActorCell> = Vec::new();
-        let result = self.spawn_into(supervisor, &mut started).await;
+        let result = self
+            .spawn_into(supervisor, kafka_consumer, &mut started)
+            .await;
         if result.is_err() {
             for cell in &started {
                 cell.kill();
@@ -230,10 +247,10 @@ impl Shared {
     async fn spawn_into(
         &self,
         supervisor: ActorCell,
+        kafka_consumer: Arc<BaseConsumer<CheckpointingContext>>,
         started: &mut Vec<ActorCell>,
     ) -> Result<Children, ActorProcessingErr> {
         let config = &self.config;
-        let kafka_consumer = create_consumer(config, self.store.clone())?;
         let (committer, _) = Actor::spawn_linked(
             None,
             CommitterActor,
@@ -327,6 +344,26 @@ impl Shared {
         })
     }
 
+    /// Closes the Kafka consumer client if the last generation asked for a
+    /// fresh one (or `always`): it leaves the group, and the next generation
+    /// joins with a new client.
+    async fn close_consumer_client(&mut self, always: bool) {
+        let rejoin = self
+            .kafka
+            .as_ref()
+            .is_some_and(|client| client.context().rejoin_requested());
+        if !(always || rejoin) {
+            return;
+        }
+        if let Some(client) = self.kafka.take() {
+            if rejoin {
+                info!("closing the Kafka consumer; the next generation rejoins the group");
+            }
+            // Dropping the last handle closes it: a blocking leave.
+            let _ = tokio::task::spawn_blocking(move || drop(client)).await;
+        }
+    }
+
     /// Waits (bounded) for the DLQ producer's deliveries in flight, so that
     /// the next generation's read-back of the dead-letter topic sees them.
     async fn flush_producer(&self) {
@@ -399,6 +436,7 @@ impl PipelineState {
         if let Some(children) = self.children.take() {
             children.kill_all().await;
         }
+        self.shared.close_consumer_client(false).await;
         self.shared.flush_producer().await;
         myself.send_after(backoff, || PipelineMsg::Restart);
     }
@@ -433,11 +471,12 @@ impl Actor for PipelineSupervisor {
         check_topics(&config.brokers, &[&config.topic, &config.dlq_topic])?;
         let store = Arc::new(CheckpointStore::connect(&config.postgres_url).await?);
         let producer = create_dlq_producer(&config.brokers)?;
-        let shared = Shared {
+        let mut shared = Shared {
             config,
             store,
             producer,
             faults: args.faults,
+            kafka: None,
         };
         let children = shared.spawn_children(myself.get_cell()).await?;
         for actor in ACTORS {
@@ -470,6 +509,7 @@ impl Actor for PipelineSupervisor {
                 child.stop(None);
             }
         }
+        state.shared.close_consumer_client(true).await;
         mark_stopped(&state.exit);
         Ok(())
     }
