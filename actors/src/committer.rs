@@ -116,6 +116,11 @@ impl PartitionProgress {
                     last, "offset tracked out of order, resetting partition progress"
                 );
                 self.pending.clear();
+                // What the skipped-back-over records made committable is
+                // not proven stored until they are read and acked again.
+                if self.committable.is_some_and(|next| next > offset) {
+                    self.committable = None;
+                }
             }
         }
         self.pending.push_back((offset, false));

@@ -91,6 +91,10 @@ pub struct CheckpointingContext {
     /// Set when this client must not be reused: the next generation joins
     /// the group with a fresh one.
     rejoin: AtomicBool,
+    /// Partitions just rewound: until a record at or below the limit arrives
+    /// (the first record of the re-read), records above it were fetched
+    /// before the seek and are dropped. With the time of the rewind.
+    rewound: Mutex<HashMap<i32, (i64, std::time::Instant)>>,
 }
 
 impl CheckpointingContext {
@@ -113,6 +117,32 @@ impl CheckpointingContext {
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner()),
         )
+    }
+
+    /// Whether a record of a just-rewound partition was fetched before the
+    /// rewind (it lies past where the re-read starts, and the re-read has not
+    /// begun): such a record is dropped, as the re-read delivers it again in
+    /// order. Fails when the re-read has not begun within
+    /// [`REWIND_DEADLINE`] (the seek did not take).
+    pub fn fetched_before_rewind(&self, partition: i32, offset: i64) -> Result<bool, String> {
+        let mut rewound = self
+            .rewound
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let Some((limit, since)) = rewound.get(&partition).copied() else {
+            return Ok(false);
+        };
+        if offset <= limit {
+            rewound.remove(&partition);
+            return Ok(false);
+        }
+        if since.elapsed() > REWIND_DEADLINE {
+            self.request_rejoin();
+            return Err(format!(
+                "partition {partition}: still reading past the checkpoint ({offset} > {limit}) {REWIND_DEADLINE:?} after the rewind"
+            ));
+        }
+        Ok(true)
     }
 
     /// Whether a record at this position is below its partition's checkpoint
@@ -266,6 +296,11 @@ impl ConsumerContext for CheckpointingContext {
                     }
                 }
                 drop(floors);
+                // A fresh assignment starts a fresh fetch: no rewind gate.
+                self.rewound
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .clear();
                 info!(?assigned, "partitions assigned at checkpoint");
                 if let Err(assign_error) = base_consumer.assign(tpl) {
                     error!(%assign_error, "assign failed");
@@ -310,6 +345,7 @@ pub fn create_consumer(
         committer: Mutex::new(None),
         poll_lock: Mutex::new(()),
         rejoin: AtomicBool::new(false),
+        rewound: Mutex::new(HashMap::new()),
     };
     let mut client_config = ClientConfig::new();
     // librdkafka's own debug contexts (for example `cgrp` for the group
@@ -608,9 +644,11 @@ fn poll_batch(
         match consumer.poll(wait) {
             None => break,
             Some(Ok(message)) => {
-                if consumer
-                    .context()
-                    .below_checkpoint(message.partition(), message.offset())
+                let context = consumer.context();
+                if context
+                    .fetched_before_rewind(message.partition(), message.offset())
+                    .map_err(PipelineError::Rewind)?
+                    || context.below_checkpoint(message.partition(), message.offset())
                 {
                     continue;
                 }
@@ -686,6 +724,17 @@ pub fn rewind_to_checkpoint(
     let checkpoint = context.load_checkpoint()?;
     let mut assigned = Vec::new();
     let mut seeks = TopicPartitionList::new();
+    let mut limits = HashMap::new();
+    for partition in &partitions {
+        // The re-read's first record is at or below the checkpoint (the
+        // fetch starts `fetch_rewind` before it), or at the log start when
+        // retention removed everything up to there.
+        let (low, _) = consumer
+            .fetch_watermarks(topic, *partition, SEEK_WAIT)
+            .map_err(PipelineError::kafka("read the low watermark"))?;
+        let floor = checkpoint.get(partition).copied().unwrap_or(0);
+        limits.insert(*partition, floor.max(low));
+    }
     {
         let mut floors = context
             .floors
@@ -724,6 +773,14 @@ pub fn rewind_to_checkpoint(
             Err(seek_error) => vec![(-1, seek_error.to_string())],
         };
         if failed.is_empty() {
+            let now = std::time::Instant::now();
+            *context
+                .rewound
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()) = limits
+                .into_iter()
+                .map(|(partition, limit)| (partition, (limit, now)))
+                .collect();
             return Ok(assigned);
         }
         if attempt >= SEEK_ATTEMPTS {
@@ -738,6 +795,9 @@ pub fn rewind_to_checkpoint(
         std::thread::sleep(SEEK_RETRY_WAIT);
     }
 }
+
+/// How long after a rewind the re-read of a partition must have begun.
+pub const REWIND_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How long one seek waits for librdkafka.
 const SEEK_WAIT: Duration = Duration::from_secs(5);

@@ -294,13 +294,16 @@ impl Actor for DlqWriterActor {
             DlqWriterMsg::Write { records, permit } => {
                 let positions: Vec<_> = records.iter().map(|record| record.raw.position).collect();
                 let before = records.len();
+                // Tansu can deliver a record again within one consumer batch
+                // (the stream steps back); one dead letter per position.
+                let mut in_batch = HashSet::new();
+                let dedup = state.args.dedup;
                 let mut remaining: Vec<PoisonRecord> = records
                     .into_iter()
                     .filter(|record| {
-                        let position = record.raw.position;
-                        !state
-                            .already_written
-                            .contains(&(position.partition, position.offset))
+                        let position = (record.raw.position.partition, record.raw.position.offset);
+                        !state.already_written.contains(&position)
+                            && (!dedup || in_batch.insert(position))
                     })
                     .collect();
                 let skipped = before - remaining.len();
