@@ -40,7 +40,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::committer::{CommitterMsg, REVOKE_DRAIN_DEADLINE};
 use crate::config::PipelineConfig;
@@ -697,10 +697,12 @@ pub fn rewind_to_checkpoint(
     topic: &str,
 ) -> Result<Vec<(i32, Option<i64>)>, PipelineError> {
     let context = consumer.context();
+    let started = std::time::Instant::now();
     let _polling = context
         .poll_lock
         .lock()
         .unwrap_or_else(|poison| poison.into_inner());
+    let locked_ms = started.elapsed().as_millis() as u64;
     for notice in context.take_notices() {
         if let RebalanceNotice::CheckpointUnavailable(reason) = notice {
             context.request_rejoin();
@@ -724,17 +726,17 @@ pub fn rewind_to_checkpoint(
     let checkpoint = context.load_checkpoint()?;
     let mut assigned = Vec::new();
     let mut seeks = TopicPartitionList::new();
-    let mut limits = HashMap::new();
-    for partition in &partitions {
-        // The re-read's first record is at or below the checkpoint (the
-        // fetch starts `fetch_rewind` before it), or at the log start when
-        // retention removed everything up to there.
-        let (low, _) = consumer
-            .fetch_watermarks(topic, *partition, SEEK_WAIT)
-            .map_err(PipelineError::kafka("read the low watermark"))?;
-        let floor = checkpoint.get(partition).copied().unwrap_or(0);
-        limits.insert(*partition, floor.max(low));
-    }
+    // The re-read's first record is at or below the checkpoint: the fetch
+    // starts `fetch_rewind` before it. No broker query here (ListOffsets
+    // costs Tansu a scan of the partition's batches, ~0.4 s each): when
+    // retention has removed everything up to past the checkpoint, the
+    // re-read starts above it, the gate holds until REWIND_DEADLINE and the
+    // next generation takes a fresh client, which starts where the log does.
+    let limits: HashMap<i32, i64> = partitions
+        .iter()
+        .map(|partition| (*partition, checkpoint.get(partition).copied().unwrap_or(0)))
+        .collect();
+    let checkpoint_ms = started.elapsed().as_millis() as u64;
     {
         let mut floors = context
             .floors
@@ -773,6 +775,13 @@ pub fn rewind_to_checkpoint(
             Err(seek_error) => vec![(-1, seek_error.to_string())],
         };
         if failed.is_empty() {
+            debug!(
+                locked_ms,
+                checkpoint_ms,
+                seeks = attempt,
+                total_ms = started.elapsed().as_millis() as u64,
+                "rewind timings"
+            );
             let now = std::time::Instant::now();
             *context
                 .rewound
@@ -792,6 +801,7 @@ pub fn rewind_to_checkpoint(
                 "librdkafka refused to seek (partition, error): {failed:?}"
             )));
         }
+        debug!(attempt, ?failed, "librdkafka refused a seek; retrying");
         std::thread::sleep(SEEK_RETRY_WAIT);
     }
 }

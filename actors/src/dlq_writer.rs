@@ -149,7 +149,7 @@ pub fn read_back(
     source_topic: &str,
     floors: &HashMap<i32, i64>,
 ) -> anyhow::Result<HashSet<(i32, i64)>> {
-    let records = crate::topic::read_topic(brokers, dlq_topic, Duration::from_secs(60))?;
+    let records = crate::topic::read_topic_to_end(brokers, dlq_topic, Duration::from_secs(60))?;
     let mut written = HashSet::new();
     for record in &records {
         if record.header("dlq.source.topic") != Some(source_topic) {

@@ -125,6 +125,33 @@ pub struct ReadRecord {
 }
 
 impl ReadRecord {
+    fn from_message(message: &rdkafka::message::BorrowedMessage<'_>) -> Self {
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|header| {
+                        (
+                            header.key.to_string(),
+                            header
+                                .value
+                                .map(|value| String::from_utf8_lossy(value).into_owned())
+                                .unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ReadRecord {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
     /// The first header with this name.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -169,33 +196,62 @@ pub fn read_topic(
             continue;
         };
         let message = result.with_context(|| format!("error reading {topic}"))?;
-        let headers = message
-            .headers()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .map(|header| {
-                        (
-                            header.key.to_string(),
-                            header
-                                .value
-                                .map(|value| String::from_utf8_lossy(value).into_owned())
-                                .unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        records.push(ReadRecord {
-            partition: message.partition(),
-            offset: message.offset(),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
-            headers,
-        });
+        records.push(ReadRecord::from_message(&message));
         if let Some(end) = remaining.get(&message.partition()) {
             if message.offset() + 1 >= *end {
                 remaining.remove(&message.partition());
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// Reads every record of a topic from the beginning until each partition
+/// reports its end (the fetch high watermark, a partition EOF). Unlike
+/// [`read_topic`] it asks for no end offsets first (ListOffsets costs Tansu a
+/// scan of the partition's batches), so it is the quick read for a topic
+/// that nobody else is writing to at the moment, such as the dead-letter
+/// topic while this pipeline restarts; a topic written to all the time may
+/// keep it reading until `deadline`.
+pub fn read_topic_to_end(
+    brokers: &str,
+    topic: &str,
+    deadline: Duration,
+) -> anyhow::Result<Vec<ReadRecord>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "streamctl-inspect")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        // An empty partition's fetch answers at once instead of after 500 ms.
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .with_context(|| format!("cannot create a kafka client for {brokers}"))?;
+    let mut assignment = TopicPartitionList::new();
+    let mut waiting = std::collections::BTreeSet::new();
+    for partition in partitions(brokers, topic)? {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+        waiting.insert(partition);
+    }
+    consumer
+        .assign(&assignment)
+        .context("cannot assign partitions")?;
+    let mut records = Vec::new();
+    let started = Instant::now();
+    while !waiting.is_empty() {
+        if started.elapsed() > deadline {
+            bail!(
+                "reading {topic} did not reach the end within {deadline:?}; partitions {waiting:?}"
+            );
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(message)) => records.push(ReadRecord::from_message(&message)),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
+                waiting.remove(&partition);
+            }
+            Some(Err(error)) => {
+                return Err(error).with_context(|| format!("error reading {topic}"))
             }
         }
     }

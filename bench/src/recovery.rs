@@ -251,10 +251,22 @@ pub async fn recovery_rows(processor: &Path) -> anyhow::Result<Vec<Row>> {
             verdict: target.map_or(Verdict::None, |at| at_most(worst, at)),
         }
     };
+    // The processor reads SESSION_TIMEOUT_MS from the environment it inherits.
+    let session_ms: f64 = std::env::var("SESSION_TIMEOUT_MS")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(6000.0);
+    let sigkill = format!(
+        "recovery: processor SIGKILL -> first new commit (restarted at once, {} s session timeout)",
+        session_ms / 1000.0
+    );
     Ok(vec![
         row(
-            "recovery: processor SIGKILL -> first new commit (restarted at once, 6 s session timeout)",
-            rounds.iter().map(|round| round.sigkill_first_commit).collect(),
+            &sigkill,
+            rounds
+                .iter()
+                .map(|round| round.sigkill_first_commit)
+                .collect(),
             Some(3.0),
         ),
         row(
@@ -269,7 +281,10 @@ pub async fn recovery_rows(processor: &Path) -> anyhow::Result<Vec<Row>> {
         ),
         row(
             "recovery: actor kill (sink) -> first new commit",
-            rounds.iter().map(|round| round.actor_first_commit).collect(),
+            rounds
+                .iter()
+                .map(|round| round.actor_first_commit)
+                .collect(),
             None,
         ),
     ])
