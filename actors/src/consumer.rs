@@ -95,6 +95,10 @@ pub struct CheckpointingContext {
     /// (the first record of the re-read), records above it were fetched
     /// before the seek and are dropped. With the time of the rewind.
     rewound: Mutex<HashMap<i32, (i64, std::time::Instant)>>,
+    /// Per partition, one past the highest offset this client has fetched:
+    /// the orphan watch's view of its own partitions' ends, with no broker
+    /// query (ListOffsets costs Tansu a scan of the partition's batches).
+    fetched_high: Mutex<HashMap<i32, i64>>,
 }
 
 impl CheckpointingContext {
@@ -153,6 +157,26 @@ impl CheckpointingContext {
             .unwrap_or_else(|poison| poison.into_inner())
             .get(&partition)
             .is_some_and(|floor| offset < *floor)
+    }
+
+    /// Notes that a record at this position was fetched.
+    fn note_fetched(&self, partition: i32, offset: i64) {
+        let mut high = self
+            .fetched_high
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let end = high.entry(partition).or_insert(0);
+        *end = (*end).max(offset + 1);
+    }
+
+    /// One past the highest offset of this partition fetched so far (0: none).
+    pub fn fetched_high(&self, partition: i32) -> i64 {
+        self.fetched_high
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .get(&partition)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// From now on, revokes wait for the committer to settle the partitions.
@@ -346,6 +370,7 @@ pub fn create_consumer(
         poll_lock: Mutex::new(()),
         rejoin: AtomicBool::new(false),
         rewound: Mutex::new(HashMap::new()),
+        fetched_high: Mutex::new(HashMap::new()),
     };
     let mut client_config = ClientConfig::new();
     // librdkafka's own debug contexts (for example `cgrp` for the group
@@ -409,6 +434,9 @@ pub struct ConsumerState {
     args: ConsumerArgs,
     /// Watches for partitions held by a dead member.
     orphans: Arc<Mutex<OrphanWatch>>,
+    /// The watch's look in progress, on its own blocking thread so that its
+    /// broker queries never hold up the poll.
+    orphan_check: Option<tokio::task::JoinHandle<Option<String>>>,
 }
 
 /// How long a partition may stand still with lag, unassigned to this member,
@@ -435,6 +463,12 @@ pub struct OrphanWatch {
 }
 
 impl OrphanWatch {
+    /// Whether [`ORPHAN_CHECK_EVERY`] has passed since the last look.
+    pub fn due(&self) -> bool {
+        self.last_check
+            .is_none_or(|last| last.elapsed() >= ORPHAN_CHECK_EVERY)
+    }
+
     /// Looks (at most every [`ORPHAN_CHECK_EVERY`]); returns why the group
     /// looks stuck, if it does. Blocking: call from a blocking thread.
     pub fn check(
@@ -472,9 +506,16 @@ impl OrphanWatch {
         let mut mine_stalled = false;
         let mut orphans = Vec::new();
         for partition in partitions {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, partition, Duration::from_secs(5))
-                .ok()?;
+            // Its own partitions' ends as fetched; the broker is asked only
+            // about the others.
+            let high = if mine.contains(&partition) {
+                consumer.context().fetched_high(partition)
+            } else {
+                consumer
+                    .fetch_watermarks(topic, partition, Duration::from_secs(5))
+                    .ok()?
+                    .1
+            };
             let next = checkpoint.get(&partition).copied().unwrap_or(0);
             let entry = self.still.entry(partition).or_insert((next, now));
             if entry.0 != next || high <= next {
@@ -503,6 +544,41 @@ impl OrphanWatch {
 
 /// The consumer actor.
 pub struct ConsumerActor;
+
+impl ConsumerActor {
+    /// Collects the orphan watch's finished look, if any, and starts the
+    /// next one when it is due.
+    async fn orphan_verdict(
+        &self,
+        state: &mut ConsumerState,
+    ) -> Result<Option<String>, ActorProcessingErr> {
+        if let Some(check) = state.orphan_check.take_if(|check| check.is_finished()) {
+            if let Some(reason) = check.await? {
+                return Ok(Some(reason));
+            }
+        }
+        let due = state.orphan_check.is_none()
+            && state
+                .orphans
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .due();
+        if due {
+            let (consumer, topic, orphans) = (
+                state.args.consumer.clone(),
+                state.args.topic.clone(),
+                state.orphans.clone(),
+            );
+            state.orphan_check = Some(tokio::task::spawn_blocking(move || {
+                orphans
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .check(&consumer, &topic)
+            }));
+        }
+        Ok(None)
+    }
+}
 
 impl Actor for ConsumerActor {
     type Msg = ConsumerMsg;
@@ -538,6 +614,7 @@ impl Actor for ConsumerActor {
         Ok(ConsumerState {
             args,
             orphans: Arc::new(Mutex::new(OrphanWatch::default())),
+            orphan_check: None,
         })
     }
 
@@ -559,22 +636,12 @@ impl Actor for ConsumerActor {
         state.args.faults.panic_if_armed("consumer");
         match message {
             ConsumerMsg::Poll => {
-                let (consumer, topic, orphans) = (
-                    state.args.consumer.clone(),
-                    state.args.topic.clone(),
-                    state.orphans.clone(),
-                );
+                let consumer = state.args.consumer.clone();
                 let batch_size = state.args.batch_size;
-                let (records, stuck) = tokio::task::spawn_blocking(move || {
-                    let records = poll_batch(&consumer, batch_size)?;
-                    let stuck = orphans
-                        .lock()
-                        .unwrap_or_else(|poison| poison.into_inner())
-                        .check(&consumer, &topic);
-                    Ok::<_, PipelineError>((records, stuck))
-                })
-                .await??;
-                if let Some(reason) = stuck {
+                let records =
+                    tokio::task::spawn_blocking(move || poll_batch(&consumer, batch_size))
+                        .await??;
+                if let Some(reason) = self.orphan_verdict(state).await? {
                     state.args.consumer.context().request_rejoin();
                     return Err(reason.into());
                 }
@@ -645,6 +712,7 @@ fn poll_batch(
             None => break,
             Some(Ok(message)) => {
                 let context = consumer.context();
+                context.note_fetched(message.partition(), message.offset());
                 if context
                     .fetched_before_rewind(message.partition(), message.offset())
                     .map_err(PipelineError::Rewind)?
