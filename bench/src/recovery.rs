@@ -72,7 +72,8 @@ async fn last_checkpoint_at(env: &TestEnv) -> f64 {
 
 async fn lag(env: &TestEnv) -> i64 {
     let connections = env.connections();
-    let Ok(ends) = stream_bins::inspect::end_offsets(&connections.brokers, &connections.topic)
+    let Ok(ends) =
+        stream_bins::inspect::end_offsets_async(&connections.brokers, &connections.topic).await
     else {
         return i64::MAX;
     };

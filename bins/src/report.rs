@@ -104,7 +104,7 @@ pub async fn wait_for_catch_up(
     let deadline = Instant::now() + wait;
     let mut last_print = Instant::now();
     loop {
-        let ends = inspect::end_offsets(&connections.brokers, &connections.topic)?;
+        let ends = inspect::end_offsets_async(&connections.brokers, &connections.topic).await?;
         let checkpoint = inspect::checkpoint_offsets(
             &connections.postgres_url,
             &connections.group,
@@ -125,7 +125,7 @@ pub async fn wait_for_catch_up(
 
 /// Gathers the report.
 pub async fn gather(connections: &ConnectionArgs) -> anyhow::Result<Report> {
-    let ends = inspect::end_offsets(&connections.brokers, &connections.topic)?;
+    let ends = inspect::end_offsets_async(&connections.brokers, &connections.topic).await?;
     let checkpoint = inspect::checkpoint_offsets(
         &connections.postgres_url,
         &connections.group,

@@ -232,7 +232,9 @@ impl TestEnv {
             let connections = connections.clone();
             async move {
                 let ends =
-                    crate::inspect::end_offsets(&connections.brokers, &connections.topic).unwrap();
+                    crate::inspect::end_offsets_async(&connections.brokers, &connections.topic)
+                        .await
+                        .unwrap();
                 let checkpoint = crate::inspect::checkpoint_offsets(
                     &connections.postgres_url,
                     &connections.group,
