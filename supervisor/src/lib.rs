@@ -43,7 +43,7 @@ use stream_actors::consumer::{
 };
 use stream_actors::dlq_writer::{create_dlq_producer, DlqWriterActor, DlqWriterArgs};
 use stream_actors::faults::Faults;
-use stream_actors::mailbox::{MailboxBound, MailboxStats};
+use stream_actors::mailbox::{MailboxBound, MailboxError, MailboxStats};
 use stream_actors::parse::ParseRules;
 use stream_actors::parser::{ParserActor, ParserArgs};
 use stream_actors::sink::{SinkActor, SinkArgs};
@@ -625,14 +625,26 @@ impl Actor for PipelineSupervisor {
         if state.shutting_down {
             return Ok(());
         }
-        let (cell, failure) = match event {
-            SupervisionEvent::ActorFailed(cell, reason) => (cell, format!("failed: {reason}")),
+        let (cell, failure, blamed) = match event {
+            SupervisionEvent::ActorFailed(cell, reason) => {
+                // A send into a stopped actor's mailbox fails its sender,
+                // whose failure can arrive first: the restart is the stopped
+                // actor's.
+                let blamed = match reason.downcast_ref::<MailboxError>() {
+                    Some(MailboxError::Closed(actor)) => {
+                        ACTORS.iter().copied().find(|name| name == actor)
+                    }
+                    None => None,
+                };
+                (cell, format!("failed: {reason}"), blamed)
+            }
             SupervisionEvent::ActorTerminated(cell, _, reason) => (
                 cell,
                 format!(
                     "stopped unexpectedly ({})",
                     reason.unwrap_or_else(|| "no reason".to_string())
                 ),
+                None,
             ),
             _ => return Ok(()),
         };
@@ -645,6 +657,7 @@ impl Actor for PipelineSupervisor {
             return Ok(());
         };
         let failure = format!("actor {role} {failure}");
+        let role = blamed.unwrap_or(role);
         state.restart_after(&myself, role, failure).await;
         Ok(())
     }
