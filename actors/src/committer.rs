@@ -109,13 +109,16 @@ impl PartitionProgress {
     fn track(&mut self, offset: i64) {
         if let Some((last, _)) = self.pending.back() {
             if offset <= *last {
-                // The consumer went back (a seek after reassignment): start over
-                // from here; earlier entries will be read again.
+                // The stream went back (seen on Tansu without a rebalance):
+                // what lies at or past `offset` will be read again; what lies
+                // below it will not, and stays tracked until acknowledged (a
+                // dead letter waiting for the DLQ writer, say): forgetting it
+                // would let the checkpoint pass it unwritten.
                 warn!(
                     offset,
-                    last, "offset tracked out of order, resetting partition progress"
+                    last, "offset tracked out of order, resetting partition progress from there"
                 );
-                self.pending.clear();
+                self.pending.retain(|(tracked, _)| *tracked < offset);
                 // What the skipped-back-over records made committable is
                 // not proven stored until they are read and acked again.
                 if self.committable.is_some_and(|next| next > offset) {
@@ -403,5 +406,27 @@ mod tests {
         assert_eq!(progress.pending.len(), 1);
         assert!(progress.acknowledge(5));
         assert_eq!(progress.committable, Some(6));
+    }
+
+    #[test]
+    fn a_step_back_keeps_what_lies_below_it_in_flight() {
+        // 10 waits for the DLQ writer; 11..=19 are acknowledged; the stream
+        // steps back to 15 and reads 15..=19 again. The checkpoint must not
+        // pass 10, which will not be read again.
+        let mut progress = PartitionProgress::default();
+        for offset in 10..20 {
+            progress.track(offset);
+        }
+        for offset in 11..20 {
+            assert!(progress.acknowledge(offset));
+        }
+        for offset in 15..20 {
+            progress.track(offset);
+            assert!(progress.acknowledge(offset));
+        }
+        assert_eq!(progress.committable, None, "10 is still in flight");
+        assert!(progress.acknowledge(10));
+        assert_eq!(progress.committable, Some(20));
+        assert!(progress.pending.is_empty());
     }
 }
