@@ -159,14 +159,17 @@ impl CheckpointingContext {
             .is_some_and(|floor| offset < *floor)
     }
 
-    /// Notes that a record at this position was fetched.
-    fn note_fetched(&self, partition: i32, offset: i64) {
+    /// Notes how far one poll's batch reached per partition (one past the
+    /// highest offset fetched): one lock per batch, not per record.
+    fn note_fetched(&self, batch_high: &HashMap<i32, i64>) {
         let mut high = self
             .fetched_high
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        let end = high.entry(partition).or_insert(0);
-        *end = (*end).max(offset + 1);
+        for (partition, end) in batch_high {
+            let known = high.entry(*partition).or_insert(0);
+            *known = (*known).max(*end);
+        }
     }
 
     /// One past the highest offset of this partition fetched so far (0: none).
@@ -706,13 +709,15 @@ fn poll_batch(
         .lock()
         .unwrap_or_else(|poison| poison.into_inner());
     let mut records = Vec::new();
+    let mut batch_high = HashMap::new();
     let mut wait = POLL_WAIT;
     while records.len() < batch_size {
         match consumer.poll(wait) {
             None => break,
             Some(Ok(message)) => {
                 let context = consumer.context();
-                context.note_fetched(message.partition(), message.offset());
+                let end = batch_high.entry(message.partition()).or_insert(0);
+                *end = (*end).max(message.offset() + 1);
                 if context
                     .fetched_before_rewind(message.partition(), message.offset())
                     .map_err(PipelineError::Rewind)?
@@ -740,6 +745,7 @@ fn poll_batch(
         }
         wait = Duration::ZERO;
     }
+    consumer.context().note_fetched(&batch_high);
     Ok(records)
 }
 

@@ -26,6 +26,19 @@ pub fn plain_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
         .with_context(|| format!("cannot create a kafka client for {brokers}"))
 }
 
+/// A client for manual reads that reports each partition's end (a partition
+/// EOF); an empty partition's fetch answers at once instead of after 500 ms.
+fn eof_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "streamctl-inspect")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .with_context(|| format!("cannot create a kafka client for {brokers}"))
+}
+
 /// The partitions of a topic, sorted.
 pub fn partitions(brokers: &str, topic: &str) -> anyhow::Result<Vec<i32>> {
     let consumer = plain_consumer(brokers)?;
@@ -60,13 +73,7 @@ pub fn partitions(brokers: &str, topic: &str) -> anyhow::Result<Vec<i32>> {
 /// on Kafka, the last record) up to the fetch high watermark, which both
 /// brokers report correctly, and takes the offset after the last record seen.
 pub fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "streamctl-inspect")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
-        .with_context(|| format!("cannot create a kafka client for {brokers}"))?;
+    let consumer = eof_consumer(brokers)?;
     let mut ends = BTreeMap::new();
     let mut tail = TopicPartitionList::new();
     for partition in partitions(brokers, topic)? {
@@ -218,15 +225,7 @@ pub fn read_topic_to_end(
     topic: &str,
     deadline: Duration,
 ) -> anyhow::Result<Vec<ReadRecord>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "streamctl-inspect")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        // An empty partition's fetch answers at once instead of after 500 ms.
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .with_context(|| format!("cannot create a kafka client for {brokers}"))?;
+    let consumer = eof_consumer(brokers)?;
     let mut assignment = TopicPartitionList::new();
     let mut waiting = std::collections::BTreeSet::new();
     for partition in partitions(brokers, topic)? {
