@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Local services for development and CI, all on 127.0.0.1:
-#   kafka      Tansu broker (memory storage) + topics $TOPIC and $DLQ_TOPIC
+#   kafka      Apache Kafka $KAFKA_VERSION (KRaft, one node, jars from Maven
+#              Central, log on disk) + topics $TOPIC and $DLQ_TOPIC
 #   postgres   Debian PostgreSQL cluster, database $PG_DB, user postgres/$PG_PASSWORD
 #   clickhouse Debian clickhouse-server, database $CH_DB
 #   sqs        moto server (in a venv under .services/)
@@ -10,6 +11,8 @@
 #   down    stop what is running (safe when nothing runs)
 #   status  one line per service; exit 0 if all are up, 1 otherwise
 #   stop S  stop one service (kafka, postgres, clickhouse, sqs); `up` restarts it
+#   start S start one installed service (kafka: the broker only, no topics)
+#   kill kafka  SIGKILL the broker (a crash; `start kafka` brings it back)
 #
 # State (logs, pid files, data, venv) lives in $ROOT/.services/.
 set -euo pipefail
@@ -19,6 +22,9 @@ ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
 STATE="$ROOT/.services"
 
 KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9095}"
+KAFKA_VERSION="${KAFKA_VERSION:-4.4.0}"
+KAFKA_HEAP="${KAFKA_HEAP:-512m}"
 PG_PORT="${PG_PORT:-5432}"
 CLICKHOUSE_HTTP_PORT="${CLICKHOUSE_HTTP_PORT:-8123}"
 CLICKHOUSE_TCP_PORT="${CLICKHOUSE_TCP_PORT:-9000}"
@@ -148,12 +154,6 @@ stop_pid() { # service pidfile pattern
 
 # ---------------------------------------------------------------- installs
 
-tansu_bin() {
-    command -v tansu 2>/dev/null || {
-        [[ -x "$HOME/.cargo/bin/tansu" ]] && echo "$HOME/.cargo/bin/tansu"
-    }
-}
-
 apt_lists_fresh() {
     find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mtime -7 2>/dev/null | grep -q .
 }
@@ -191,39 +191,14 @@ install_missing() {
         pkgs+=(clickhouse-server)
     fi
     if ! command -v clickhouse-client >/dev/null; then pkgs+=(clickhouse-client); fi
-    if ! command -v kcat >/dev/null; then
-        log "kafka: installing kcat..."
-        pkgs+=(kcat)
-    fi
     if ! command -v curl >/dev/null; then pkgs+=(curl); fi
     if ((${#pkgs[@]})); then
         apt_install "${pkgs[@]}"
         log "apt: installed ${pkgs[*]}"
     fi
 
-    install_tansu
+    install_kafka
     install_moto
-}
-
-install_tansu() {
-    local deadline
-    [[ -n "$(tansu_bin)" ]] && return 0
-    # Another `cargo install tansu` (e.g. started by hand) is already running: wait for it.
-    if command -v pgrep >/dev/null && pgrep -f 'cargo install .*tansu' >/dev/null; then
-        log "kafka: another 'cargo install tansu' is running, waiting for it (up to 40 min)..."
-        deadline=$((SECONDS + 2400))
-        while pgrep -f 'cargo install .*tansu' >/dev/null && ((SECONDS < deadline)); do
-            sleep 10
-        done
-        [[ -n "$(tansu_bin)" ]] && return 0
-    fi
-    command -v cargo >/dev/null || die "kafka: cargo not found (needed to install tansu)"
-    log "kafka: installing tansu with 'cargo install tansu --features dynostore --locked' (takes ~15 min; log: $STATE/tansu-install.log)..."
-    if ! cargo install tansu --features dynostore --locked >"$STATE/tansu-install.log" 2>&1; then
-        show_logs "$STATE/tansu-install.log"
-        die "kafka: cargo install tansu failed"
-    fi
-    [[ -n "$(tansu_bin)" ]] || die "kafka: tansu installed but not found on PATH or in ~/.cargo/bin"
 }
 
 install_moto() {
@@ -250,83 +225,157 @@ install_moto() {
 }
 
 # ---------------------------------------------------------------- kafka
+#
+# Apache Kafka in KRaft mode: one node that is both broker and controller,
+# its jars resolved from Maven Central (scripts/kafka/pom.xml), its log on
+# disk under .services/kafka/data, so a broker restart keeps every record.
+# Topics are created through the Kafka admin API by `streamctl topics
+# ensure`, the same command the cluster's topic-init job runs.
 
-KAFKA_PID="$STATE/tansu.pid"
-KAFKA_LOG="$STATE/tansu.log"
-# Debian's kcat (librdkafka 2.0.2) fails to parse Tansu's ApiVersions v3
-# response ("Read underflow"); skipping the ApiVersions handshake
-# (fallback 0.9.0) makes metadata listing (-L) work.
-KCAT_OPTS=(-X api.version.request=false -X broker.version.fallback=0.9.0)
+KAFKA_HOME="$STATE/kafka"
+KAFKA_LIBS="$KAFKA_HOME/libs"
+KAFKA_DATA="$KAFKA_HOME/data"
+KAFKA_CONFIG="$KAFKA_HOME/server.properties"
+KAFKA_PID="$STATE/kafka.pid"
+KAFKA_LOG="$STATE/kafka.log"
 
-kafka_healthy() {
-    port_open "$KAFKA_PORT" && kcat "${KCAT_OPTS[@]}" -b "$HOST:$KAFKA_PORT" -L -m 3 >/dev/null 2>&1
+install_kafka() {
+    local stamp="$KAFKA_LIBS/.resolved-$KAFKA_VERSION" java_version
+    [[ -f "$stamp" ]] && return 0
+    command -v java >/dev/null || die "kafka: java not found (Apache Kafka $KAFKA_VERSION needs Java 17 or newer)"
+    java_version="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')"
+    [[ "${java_version%%.*}" =~ ^[0-9]+$ ]] && ((${java_version%%.*} >= 17)) ||
+        die "kafka: java $java_version found; Apache Kafka $KAFKA_VERSION needs Java 17 or newer"
+    command -v mvn >/dev/null || die "kafka: mvn not found (Maven resolves the Kafka jars from Maven Central)"
+    log "kafka: resolving Apache Kafka $KAFKA_VERSION from Maven Central (log: $STATE/kafka-install.log)..."
+    rm -rf "$KAFKA_LIBS"
+    if ! mvn -B -q -f "$ROOT/scripts/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+        dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIBS" \
+        >"$STATE/kafka-install.log" 2>&1; then
+        show_logs "$STATE/kafka-install.log"
+        die "kafka: mvn dependency:copy-dependencies failed"
+    fi
+    touch "$stamp"
+    log "kafka: $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars in $KAFKA_LIBS"
 }
 
-# "name partitions" per topic
-kafka_topics() {
-    kcat "${KCAT_OPTS[@]}" -b "$HOST:$KAFKA_PORT" -L -m 5 2>/dev/null |
-        sed -n 's/^ *topic "\([^"]*\)" with \([0-9]*\) partitions.*/\1 \2/p'
+# The broker's configuration, on stdout. Local-development choices, each
+# named: no wait before a new group's first rebalance, a small offsets topic,
+# replication factor 1 (one node), and no topic created by a produce or a
+# fetch, as in production.
+kafka_properties() {
+    cat <<PROPS
+# Written by scripts/services.sh; edits are overwritten on the next 'up'.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$KAFKA_DATA
+num.partitions=1
+auto.create.topics.enable=false
+group.initial.rebalance.delay.ms=0
+offsets.topic.num.partitions=6
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+PROPS
+}
+
+kafka_healthy() {
+    port_open "$KAFKA_PORT"
+}
+
+# True once the broker we started logged that it is up (its listener takes
+# connections slightly before it can serve metadata).
+kafka_started() {
+    port_open "$KAFKA_PORT" && grep -q 'Kafka Server started' "$KAFKA_LOG" 2>/dev/null
+}
+
+kafka_format() {
+    local cluster_id
+    [[ -f "$KAFKA_DATA/meta.properties" ]] && return 0
+    cluster_id="$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')"
+    log "kafka: formatting the log directory $KAFKA_DATA (cluster $cluster_id)"
+    mkdir -p "$KAFKA_DATA"
+    java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" \
+        kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_CONFIG" \
+        >>"$STATE/kafka-format.log" 2>&1 || {
+        show_logs "$STATE/kafka-format.log"
+        die "kafka: kafka.tools.StorageTool format failed"
+    }
 }
 
 kafka_up() {
-    local pid tansu
-    local me="listener-url=tcp://$HOST:$KAFKA_PORT "
-    tansu="$(tansu_bin)"
-    stop_if_reconfigured kafka "$KAFKA_PID" tansu "$me"
-    if pid="$(pid_of "$KAFKA_PID" "$me")"; then
-        wait_healthy kafka 60 kafka_healthy "$KAFKA_PID" "$me" "$KAFKA_LOG"
-        log "kafka: already running (pid $pid)"
-    elif port_open "$KAFKA_PORT"; then
-        kafka_healthy || die "kafka: port $HOST:$KAFKA_PORT is taken by something that is not a Kafka broker"
-        log "kafka: a broker not started by this script is already on $HOST:$KAFKA_PORT, using it"
-    else
-        rm -f "$KAFKA_PID"
-        log "kafka: starting tansu broker..."
-        nohup "$tansu" broker \
-            --storage-engine=memory://tansu/ \
-            --listener-url="tcp://$HOST:$KAFKA_PORT" \
-            --advertised-listener-url="tcp://$HOST:$KAFKA_PORT" \
-            >>"$KAFKA_LOG" 2>&1 </dev/null &
-        echo $! >"$KAFKA_PID"
-        wait_healthy kafka 60 kafka_healthy "$KAFKA_PID" "$me" "$KAFKA_LOG"
-    fi
-    kafka_topics_ensure "$tansu"
+    kafka_start
+    kafka_topics_ensure
     log "kafka: up ($HOST:$KAFKA_PORT)"
 }
 
+# Starts the broker (if it is not running) and waits until it serves.
+kafka_start() {
+    local pid me="kafka.Kafka $KAFKA_CONFIG" wanted
+    mkdir -p "$KAFKA_HOME"
+    wanted="$(kafka_properties)"
+    if [[ "$(cat "$KAFKA_CONFIG" 2>/dev/null || true)" != "$wanted" ]]; then
+        if pid_of "$KAFKA_PID" "$me" >/dev/null; then
+            log "kafka: configuration changed (ports), restarting"
+            stop_pid kafka "$KAFKA_PID" "$me"
+        fi
+        printf '%s\n' "$wanted" >"$KAFKA_CONFIG"
+    fi
+    if pid="$(pid_of "$KAFKA_PID" "$me")"; then
+        wait_healthy kafka 90 kafka_healthy "$KAFKA_PID" "$me" "$KAFKA_LOG"
+        log "kafka: already running (pid $pid)"
+    elif port_open "$KAFKA_PORT"; then
+        die "kafka: port $HOST:$KAFKA_PORT is taken by something this script did not start"
+    elif port_open "$KAFKA_CONTROLLER_PORT"; then
+        die "kafka: controller port $HOST:$KAFKA_CONTROLLER_PORT is taken (set KAFKA_CONTROLLER_PORT)"
+    else
+        kafka_format
+        rm -f "$KAFKA_PID"
+        [[ -f "$KAFKA_LOG" ]] && mv -f "$KAFKA_LOG" "$KAFKA_LOG.1"
+        log "kafka: starting Apache Kafka $KAFKA_VERSION (KRaft, heap $KAFKA_HEAP)..."
+        nohup java -Xms256m -Xmx"$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+            -Djava.awt.headless=true \
+            -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" \
+            -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_CONFIG" \
+            >>"$KAFKA_LOG" 2>&1 </dev/null &
+        echo $! >"$KAFKA_PID"
+        wait_healthy kafka 120 kafka_started "$KAFKA_PID" "$me" "$KAFKA_LOG"
+        log "kafka: started (pid $(cat "$KAFKA_PID"))"
+    fi
+}
+
+# streamctl of this checkout (built when missing or stale: cargo decides).
+streamctl() {
+    local profile_flag=() dir=debug
+    if [[ "${STREAMCTL_PROFILE:-dev}" == release ]]; then profile_flag=(--release) dir=release; fi
+    if ! (cd "$ROOT" && cargo build -q "${profile_flag[@]}" -p stream-bins --bin streamctl) \
+        >"$STATE/streamctl-build.log" 2>&1; then
+        show_logs "$STATE/streamctl-build.log"
+        die "kafka: cannot build streamctl (needed to create the topics)"
+    fi
+    "$ROOT/target/$dir/streamctl" "$@"
+}
+
 kafka_topics_ensure() {
-    local tansu="$1" existing t parts out
-    existing="$(kafka_topics)"
-    for t in "$TOPIC" "$DLQ_TOPIC"; do
-        parts="$(awk -v t="$t" '$1 == t { print $2 }' <<<"$existing")"
-        if [[ -n "$parts" ]]; then
-            [[ "$parts" == "$PARTITIONS" ]] ||
-                log "kafka: WARNING: topic $t exists with $parts partitions (wanted $PARTITIONS)"
-            continue
-        fi
-        log "kafka: creating topic $t ($PARTITIONS partitions)"
-        if ! out="$("$tansu" topic create "$t" --partitions "$PARTITIONS" --broker "tcp://$HOST:$KAFKA_PORT" 2>&1)"; then
-            # tolerate a concurrent creation
-            grep -qi 'exist' <<<"$out" || {
-                echo "$out" >&2
-                die "kafka: could not create topic $t"
-            }
-        fi
-    done
-    # Topic metadata can take a moment to show up.
-    local deadline=$((SECONDS + 30))
-    until existing="$(kafka_topics)" &&
-        grep -q "^$TOPIC " <<<"$existing" && grep -q "^$DLQ_TOPIC " <<<"$existing"; do
-        ((SECONDS < deadline)) || die "kafka: topics $TOPIC/$DLQ_TOPIC not visible in metadata after 30s"
-        sleep 0.5
-    done
+    if [[ ! -x "$ROOT/target/debug/streamctl" && "${STREAMCTL_PROFILE:-dev}" != release ]]; then
+        log "kafka: building streamctl to create the topics (first time takes minutes; log: $STATE/streamctl-build.log)"
+    fi
+    streamctl topics ensure --brokers "$HOST:$KAFKA_PORT" --topic "$TOPIC" --dlq-topic "$DLQ_TOPIC" \
+        --partitions "$PARTITIONS" --dlq-partitions "$PARTITIONS" >&2 ||
+        die "kafka: could not create topics $TOPIC and $DLQ_TOPIC"
 }
 
 kafka_status() {
-    local n
     if kafka_healthy; then
-        n="$(kafka_topics | wc -l)"
-        echo "kafka: up ($HOST:$KAFKA_PORT, $n topics)"
+        echo "kafka: up ($HOST:$KAFKA_PORT, Apache Kafka $KAFKA_VERSION)"
     else
         echo "kafka: down ($HOST:$KAFKA_PORT)"
         return 1
@@ -558,15 +607,49 @@ cmd_down() {
     with_lock down
     stop_pid sqs "$SQS_PIDF" moto_server
     stop_pid clickhouse "$CH_PID" clickhouse-server
-    stop_pid kafka "$KAFKA_PID" tansu
+    stop_pid kafka "$KAFKA_PID" "kafka.Kafka $KAFKA_CONFIG"
     pg_down
+}
+
+# Starts one service without installing anything (the broker-fault tests'
+# restart of a killed broker; `kafka` creates no topics).
+cmd_start() {
+    with_lock start "$@"
+    case "${1:-}" in
+        kafka) kafka_start ;;
+        postgres) pg_up ;;
+        clickhouse) ch_up ;;
+        sqs) sqs_up ;;
+        *)
+            echo "usage: $0 start kafka|postgres|clickhouse|sqs" >&2
+            exit 2
+            ;;
+    esac
+}
+
+# SIGKILLs the broker: a crash, not a shutdown (the broker-fault tests).
+cmd_kill() {
+    local pid
+    with_lock kill "$@"
+    [[ "${1:-}" == kafka ]] || {
+        echo "usage: $0 kill kafka" >&2
+        exit 2
+    }
+    if pid="$(pid_of "$KAFKA_PID" "kafka.Kafka $KAFKA_CONFIG")"; then
+        log "kafka: SIGKILL (pid $pid)"
+        kill -9 "$pid"
+        while [[ -d "/proc/$pid" ]]; do sleep 0.1; done
+    else
+        log "kafka: not running"
+    fi
+    rm -f "$KAFKA_PID"
 }
 
 # Stops one service (the recovery tests' database outage); `up` starts it again.
 cmd_stop() {
     with_lock stop "$@"
     case "${1:-}" in
-        kafka) stop_pid kafka "$KAFKA_PID" tansu ;;
+        kafka) stop_pid kafka "$KAFKA_PID" "kafka.Kafka $KAFKA_CONFIG" ;;
         postgres) pg_down ;;
         clickhouse) stop_pid clickhouse "$CH_PID" clickhouse-server ;;
         sqs) stop_pid sqs "$SQS_PIDF" moto_server ;;
@@ -579,10 +662,7 @@ cmd_stop() {
 
 cmd_status() {
     local rc=0
-    if command -v kcat >/dev/null; then kafka_status || rc=1; else
-        echo "kafka: down ($HOST:$KAFKA_PORT, kcat not installed)"
-        rc=1
-    fi
+    kafka_status || rc=1
     pg_status || rc=1
     ch_status || rc=1
     sqs_status || rc=1
@@ -594,8 +674,10 @@ case "${1:-}" in
     down) cmd_down ;;
     status) cmd_status ;;
     stop) shift; cmd_stop "$@" ;;
+    start) shift; cmd_start "$@" ;;
+    kill) shift; cmd_kill "$@" ;;
     *)
-        echo "usage: $0 up|down|status|stop <service>" >&2
+        echo "usage: $0 up|down|status|stop <service>|start <service>|kill kafka" >&2
         exit 2
         ;;
 esac

@@ -106,27 +106,25 @@ struct PartitionProgress {
 }
 
 impl PartitionProgress {
-    fn track(&mut self, offset: i64) {
+    /// Tracks an offset handed out. Within one assignment Kafka delivers a
+    /// partition's offsets in increasing order (with gaps where compaction
+    /// or transaction markers are); a revocation forgets the partition and
+    /// a restart starts a new committer. So an offset at or below the last
+    /// one tracked means the stream went back unannounced, and what was
+    /// made committable can no longer be trusted: returns the last offset
+    /// tracked, and the committer fails (the pipeline restarts from the
+    /// checkpoint, which is always safe).
+    fn track(&mut self, offset: i64) -> Result<(), i64> {
         if let Some((last, _)) = self.pending.back() {
             if offset <= *last {
-                // The stream went back (seen on Tansu without a rebalance):
-                // what lies at or past `offset` will be read again; what lies
-                // below it will not, and stays tracked until acknowledged (a
-                // dead letter waiting for the DLQ writer, say): forgetting it
-                // would let the checkpoint pass it unwritten.
-                warn!(
-                    offset,
-                    last, "offset tracked out of order, resetting partition progress from there"
-                );
-                self.pending.retain(|(tracked, _)| *tracked < offset);
-                // What the skipped-back-over records made committable is
-                // not proven stored until they are read and acked again.
-                if self.committable.is_some_and(|next| next > offset) {
-                    self.committable = None;
-                }
+                return Err(*last);
             }
         }
+        if self.committable.is_some_and(|next| offset < next) {
+            return Err(self.committable.unwrap_or_default() - 1);
+        }
         self.pending.push_back((offset, false));
+        Ok(())
     }
 
     /// Marks an offset acknowledged; returns whether it was tracked.
@@ -290,11 +288,18 @@ impl Actor for CommitterActor {
         match message {
             CommitterMsg::Track(positions) => {
                 for position in positions {
-                    state
+                    let tracked = state
                         .partitions
                         .entry(position.partition)
                         .or_default()
                         .track(position.offset);
+                    if let Err(last) = tracked {
+                        return Err(format!(
+                            "partition {}: offset {} handed out after {last} without a revocation; restarting from the checkpoint",
+                            position.partition, position.offset
+                        )
+                        .into());
+                    }
                 }
                 metrics::gauge!(names::IN_FLIGHT).set(state.in_flight() as f64);
             }
@@ -367,7 +372,7 @@ mod tests {
     fn advances_only_over_a_contiguous_acknowledged_run() {
         let mut progress = PartitionProgress::default();
         for offset in 10..15 {
-            progress.track(offset);
+            progress.track(offset).unwrap();
         }
         assert!(progress.acknowledge(12));
         assert!(progress.acknowledge(11));
@@ -387,7 +392,7 @@ mod tests {
         // only tracked offsets count.
         let mut progress = PartitionProgress::default();
         for offset in [3, 7, 8] {
-            progress.track(offset);
+            progress.track(offset).unwrap();
         }
         assert!(progress.acknowledge(8));
         assert!(progress.acknowledge(3));
@@ -397,36 +402,30 @@ mod tests {
     }
 
     #[test]
-    fn unknown_offsets_are_ignored_and_a_rewind_resets() {
+    fn unknown_offsets_are_ignored() {
         let mut progress = PartitionProgress::default();
-        progress.track(5);
-        progress.track(6);
+        progress.track(5).unwrap();
+        progress.track(6).unwrap();
         assert!(!progress.acknowledge(4));
-        progress.track(5);
-        assert_eq!(progress.pending.len(), 1);
         assert!(progress.acknowledge(5));
         assert_eq!(progress.committable, Some(6));
     }
 
     #[test]
-    fn a_step_back_keeps_what_lies_below_it_in_flight() {
-        // 10 waits for the DLQ writer; 11..=19 are acknowledged; the stream
-        // steps back to 15 and reads 15..=19 again. The checkpoint must not
-        // pass 10, which will not be read again.
+    fn a_step_back_without_a_revocation_is_refused() {
+        // Kafka hands out a partition's offsets in order within one
+        // assignment; a step back means what was committable is not proven.
         let mut progress = PartitionProgress::default();
-        for offset in 10..20 {
-            progress.track(offset);
+        for offset in 10..15 {
+            progress.track(offset).unwrap();
         }
-        for offset in 11..20 {
+        assert_eq!(progress.track(12), Err(14), "behind the last tracked");
+        assert_eq!(progress.track(14), Err(14), "the same offset again");
+        for offset in 10..15 {
             assert!(progress.acknowledge(offset));
         }
-        for offset in 15..20 {
-            progress.track(offset);
-            assert!(progress.acknowledge(offset));
-        }
-        assert_eq!(progress.committable, None, "10 is still in flight");
-        assert!(progress.acknowledge(10));
-        assert_eq!(progress.committable, Some(20));
-        assert!(progress.pending.is_empty());
+        assert_eq!(progress.committable, Some(15));
+        assert_eq!(progress.track(13), Err(14), "behind what is committable");
+        assert_eq!(progress.track(15), Ok(()));
     }
 }

@@ -33,16 +33,16 @@ pub struct PipelineConfig {
     pub commit_interval: Duration,
     /// Schema versions the parser accepts.
     pub accepted_schema_versions: Vec<u32>,
-    /// How many offsets before the checkpoint the consumer fetches from and
-    /// drops, to reach the start of the record batch holding the checkpoint
-    /// (needed on Tansu; 0 is right for Kafka and Redpanda). See `consumer`.
-    pub fetch_rewind: i64,
-    /// The consumer group session timeout: how soon the group gives a dead
-    /// member's partitions to the others (heartbeats go at a third of it).
-    /// Kafka and Redpanda refuse less than 6 s by default. Shorter is
-    /// quicker to recover from a SIGKILL but, on Tansu, makes a group of two
-    /// members flap (a member busy settling a revoke looks dead).
+    /// The consumer group session timeout: how soon the group coordinator
+    /// gives a member's partitions to the others when it stops heartbeating
+    /// (heartbeats go at a third of it). Kafka's `group.min.session.timeout.ms`
+    /// refuses less than 6 s by default.
     pub session_timeout: Duration,
+    /// Static group membership (`group.instance.id`; the pod name in
+    /// Kubernetes): a restarted process with the same id takes its
+    /// partitions back without a rebalance. Unique per running member;
+    /// `None`: dynamic membership.
+    pub group_instance_id: Option<String>,
     /// Whether replays are absorbed: unique `event_id` in PostgreSQL,
     /// ReplacingMergeTree in ClickHouse, read-back in the DLQ writer. Only the
     /// recovery tests' negative control turns it off (on fresh databases), to
@@ -68,8 +68,8 @@ impl PipelineConfig {
             mailbox_capacity: 8,
             commit_interval: Duration::from_millis(200),
             accepted_schema_versions: vec![1],
-            fetch_rewind: 10_000,
             session_timeout: Duration::from_millis(6000),
+            group_instance_id: None,
             dedup: true,
         }
     }

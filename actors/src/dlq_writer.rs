@@ -110,35 +110,9 @@ pub enum DlqWriterMsg {
 pub struct DlqWriterState {
     args: DlqWriterArgs,
     /// Source positions (partition, offset) at or past the checkpoint that the
-    /// dead-letter topic already holds: read back at assignment, plus what
-    /// this writer delivered since (the consumer can go back to the checkpoint
-    /// without a new assignment, and the replay must not write them again).
+    /// dead-letter topic already held when their partition was assigned: the
+    /// replay of a crash's unacknowledged tail skips them.
     already_written: HashSet<(i32, i64)>,
-}
-
-/// Written positions further than this below the newest one of their
-/// partition are forgotten once the set is large: the consumer never goes
-/// back further than the checkpoint, which trails the newest record by the
-/// records in flight (tens of thousands at most, bounded by the mailboxes).
-const FORGET_BELOW: i64 = 1_000_000;
-/// The set's size above which old positions are forgotten.
-const PRUNE_ABOVE: usize = 100_000;
-
-/// Remembers delivered positions, forgetting far-behind ones when the set is large.
-fn remember(written: &mut HashSet<(i32, i64)>, delivered: &[crate::models::SourcePosition]) {
-    written.extend(
-        delivered
-            .iter()
-            .map(|position| (position.partition, position.offset)),
-    );
-    if written.len() > PRUNE_ABOVE {
-        let mut newest: HashMap<i32, i64> = HashMap::new();
-        for (partition, offset) in written.iter() {
-            let entry = newest.entry(*partition).or_insert(*offset);
-            *entry = (*entry).max(*offset);
-        }
-        written.retain(|(partition, offset)| *offset + FORGET_BELOW >= newest[partition]);
-    }
 }
 
 /// Reads the dead-letter topic and returns the source positions of `topic`
@@ -149,7 +123,7 @@ pub fn read_back(
     source_topic: &str,
     floors: &HashMap<i32, i64>,
 ) -> anyhow::Result<HashSet<(i32, i64)>> {
-    let records = crate::topic::read_topic_to_end(brokers, dlq_topic, Duration::from_secs(60))?;
+    let records = crate::topic::read_topic(brokers, dlq_topic, Duration::from_secs(60))?;
     let mut written = HashSet::new();
     for record in &records {
         if record.header("dlq.source.topic") != Some(source_topic) {
@@ -294,16 +268,12 @@ impl Actor for DlqWriterActor {
             DlqWriterMsg::Write { records, permit } => {
                 let positions: Vec<_> = records.iter().map(|record| record.raw.position).collect();
                 let before = records.len();
-                // Tansu can deliver a record again within one consumer batch
-                // (the stream steps back); one dead letter per position.
-                let mut in_batch = HashSet::new();
-                let dedup = state.args.dedup;
                 let mut remaining: Vec<PoisonRecord> = records
                     .into_iter()
                     .filter(|record| {
-                        let position = (record.raw.position.partition, record.raw.position.offset);
-                        !state.already_written.contains(&position)
-                            && (!dedup || in_batch.insert(position))
+                        !state
+                            .already_written
+                            .contains(&(record.raw.position.partition, record.raw.position.offset))
                     })
                     .collect();
                 let skipped = before - remaining.len();
@@ -314,8 +284,6 @@ impl Actor for DlqWriterActor {
                         "dead letters already in the topic, not written again"
                     );
                 }
-                let delivered: Vec<_> =
-                    remaining.iter().map(|record| record.raw.position).collect();
                 let mut backoff = FIRST_BACKOFF;
                 loop {
                     remaining = state.produce(remaining).await;
@@ -325,9 +293,6 @@ impl Actor for DlqWriterActor {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
-                if state.args.dedup {
-                    remember(&mut state.already_written, &delivered);
-                }
                 state.args.committer.cast(CommitterMsg::Ack {
                     source: AckSource::DeadLetter,
                     positions,
@@ -336,30 +301,5 @@ impl Actor for DlqWriterActor {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::models::SourcePosition;
-
-    #[test]
-    fn delivered_positions_are_remembered_and_only_far_behind_ones_forgotten() {
-        let mut written = HashSet::new();
-        let at = |partition, offset| SourcePosition { partition, offset };
-        remember(&mut written, &[at(0, 5), at(1, 7)]);
-        assert!(written.contains(&(0, 5)) && written.contains(&(1, 7)));
-        // Fill past the pruning size: partition 0 moves far ahead.
-        let far: Vec<_> = (0..PRUNE_ABOVE as i64)
-            .map(|index| at(0, FORGET_BELOW + 10 + index))
-            .collect();
-        remember(&mut written, &far);
-        assert!(
-            !written.contains(&(0, 5)),
-            "far behind its partition's newest"
-        );
-        assert!(written.contains(&(1, 7)), "newest of its own partition");
-        assert!(written.contains(&(0, FORGET_BELOW + 10)));
     }
 }

@@ -1,4 +1,4 @@
-//! Reading a topic back with a plain client: its partitions, its true end
+//! Reading a topic back with a plain client: its partitions, its end
 //! offsets and every record up to them. Joins no group, commits nothing. The
 //! DLQ writer uses it to see what it already wrote; `streamctl` and the tests
 //! use it to audit.
@@ -27,7 +27,8 @@ pub fn plain_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
 }
 
 /// A client for manual reads that reports each partition's end (a partition
-/// EOF); an empty partition's fetch answers at once instead of after 500 ms.
+/// EOF), so a read stops at the end even when the last offsets hold no
+/// record a consumer sees (transaction markers).
 fn eof_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -64,54 +65,16 @@ pub fn partitions(brokers: &str, topic: &str) -> anyhow::Result<Vec<i32>> {
     Ok(partitions)
 }
 
-/// Per partition, the end offset: the offset the next record will get.
-///
-/// Not simply the broker's ListOffsets answer: Tansu 0.6 answers "latest"
-/// with the base offset of the last record batch plus one, which is short of
-/// the end whenever that batch holds more than one record. So this reads the
-/// tail: from one before the listed offset (on Tansu, the last batch's base;
-/// on Kafka, the last record) up to the fetch high watermark, which both
-/// brokers report correctly, and takes the offset after the last record seen.
+/// Per partition, the end offset (the high watermark): the offset the next
+/// record will get.
 pub fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let consumer = eof_consumer(brokers)?;
+    let consumer = plain_consumer(brokers)?;
     let mut ends = BTreeMap::new();
-    let mut tail = TopicPartitionList::new();
     for partition in partitions(brokers, topic)? {
-        let (_, listed) = consumer
+        let (_, high) = consumer
             .fetch_watermarks(topic, partition, KAFKA_TIMEOUT)
-            .with_context(|| format!("cannot read end offset of {topic}/{partition}"))?;
-        ends.insert(partition, listed);
-        if listed > 0 {
-            tail.add_partition_offset(topic, partition, Offset::Offset(listed - 1))?;
-        }
-    }
-    if tail.count() == 0 {
-        return Ok(ends);
-    }
-    let mut waiting: std::collections::BTreeSet<i32> = tail
-        .elements()
-        .iter()
-        .map(|element| element.partition())
-        .collect();
-    consumer.assign(&tail).context("cannot assign partitions")?;
-    let started = Instant::now();
-    while !waiting.is_empty() {
-        if started.elapsed() > KAFKA_TIMEOUT {
-            bail!("reading the tail of {topic} did not reach the end within {KAFKA_TIMEOUT:?}; partitions {waiting:?}");
-        }
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Ok(message)) => {
-                let end = ends.entry(message.partition()).or_insert(0);
-                *end = (*end).max(message.offset() + 1);
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
-                waiting.remove(&partition);
-            }
-            Some(Err(error)) => {
-                return Err(error).with_context(|| format!("error reading the tail of {topic}"))
-            }
-        }
+            .with_context(|| format!("cannot read the end offset of {topic}/{partition}"))?;
+        ends.insert(partition, high);
     }
     Ok(ends)
 }
@@ -169,14 +132,15 @@ impl ReadRecord {
 }
 
 /// Reads every record of a topic, from the beginning to the end offsets as
-/// they are now. Uses manual assignment: it joins no group, commits nothing.
+/// they are now (what is written meanwhile is left out). Uses manual
+/// assignment: it joins no group, commits nothing.
 pub fn read_topic(
     brokers: &str,
     topic: &str,
     deadline: Duration,
 ) -> anyhow::Result<Vec<ReadRecord>> {
     let ends = end_offsets(brokers, topic)?;
-    let consumer = plain_consumer(brokers)?;
+    let consumer = eof_consumer(brokers)?;
     let mut assignment = TopicPartitionList::new();
     let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
     for (partition, end) in &ends {
@@ -199,55 +163,22 @@ pub fn read_topic(
                 "reading {topic} did not finish within {deadline:?}; still missing {remaining:?}"
             );
         }
-        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = result.with_context(|| format!("error reading {topic}"))?;
-        records.push(ReadRecord::from_message(&message));
-        if let Some(end) = remaining.get(&message.partition()) {
-            if message.offset() + 1 >= *end {
-                remaining.remove(&message.partition());
-            }
-        }
-    }
-    Ok(records)
-}
-
-/// Reads every record of a topic from the beginning until each partition
-/// reports its end (the fetch high watermark, a partition EOF). Unlike
-/// [`read_topic`] it asks for no end offsets first (ListOffsets costs Tansu a
-/// scan of the partition's batches), so it is the quick read for a topic
-/// that nobody else is writing to at the moment, such as the dead-letter
-/// topic while this pipeline restarts; a topic written to all the time may
-/// keep it reading until `deadline`.
-pub fn read_topic_to_end(
-    brokers: &str,
-    topic: &str,
-    deadline: Duration,
-) -> anyhow::Result<Vec<ReadRecord>> {
-    let consumer = eof_consumer(brokers)?;
-    let mut assignment = TopicPartitionList::new();
-    let mut waiting = std::collections::BTreeSet::new();
-    for partition in partitions(brokers, topic)? {
-        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
-        waiting.insert(partition);
-    }
-    consumer
-        .assign(&assignment)
-        .context("cannot assign partitions")?;
-    let mut records = Vec::new();
-    let started = Instant::now();
-    while !waiting.is_empty() {
-        if started.elapsed() > deadline {
-            bail!(
-                "reading {topic} did not reach the end within {deadline:?}; partitions {waiting:?}"
-            );
-        }
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
-            Some(Ok(message)) => records.push(ReadRecord::from_message(&message)),
+            Some(Ok(message)) => {
+                let Some(end) = remaining.get(&message.partition()).copied() else {
+                    continue;
+                };
+                if message.offset() < end {
+                    records.push(ReadRecord::from_message(&message));
+                }
+                if message.offset() + 1 >= end {
+                    remaining.remove(&message.partition());
+                }
+            }
+            // At the high watermark, which is at or past the end taken above.
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
-                waiting.remove(&partition);
+                remaining.remove(&partition);
             }
             Some(Err(error)) => {
                 return Err(error).with_context(|| format!("error reading {topic}"))

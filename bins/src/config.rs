@@ -319,16 +319,18 @@ pub struct ProcessorConfig {
         value_delimiter = ','
     )]
     pub accepted_schema_versions: Vec<String>,
-    /// Offsets before the checkpoint to fetch from and drop on assignment:
-    /// reaches the start of the record batch holding the checkpoint, which
-    /// Tansu needs (0..=1000000; 0 is right for Kafka and Redpanda).
-    #[arg(long, env = "FETCH_REWIND", default_value_t = 10_000)]
-    pub fetch_rewind: i64,
     /// Consumer group session timeout in milliseconds: how soon a dead
-    /// processor's partitions move to the others (1000..=300000). Kafka and
-    /// Redpanda refuse less than 6000 by default.
+    /// processor's partitions move to the others (6000..=300000, the range
+    /// Kafka's group.min/max.session.timeout.ms accept by default).
     #[arg(long, env = "SESSION_TIMEOUT_MS", default_value_t = 6000)]
     pub session_timeout_ms: u64,
+    /// Static group membership: this member's group.instance.id, unique in
+    /// the group (in Kubernetes, the pod name). A restarted processor with
+    /// the same id takes its partitions back without a rebalance. Unset:
+    /// dynamic membership, and a killed processor's partitions wait for the
+    /// session timeout.
+    #[arg(long, env = "KAFKA_GROUP_INSTANCE_ID")]
+    pub group_instance_id: Option<String>,
     /// Address of the admin endpoint: `/metrics`, `/healthz`, `/readyz`,
     /// `/status`, `POST /actors/<name>/kill|panic`; empty to disable.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
@@ -399,11 +401,22 @@ impl ProcessorConfig {
             "COMMIT_INTERVAL_MS",
         )?;
         in_range(
-            self.fetch_rewind,
-            0..=1_000_000,
-            "--fetch-rewind",
-            "FETCH_REWIND",
+            self.session_timeout_ms,
+            6_000..=300_000,
+            "--session-timeout-ms",
+            "SESSION_TIMEOUT_MS",
         )?;
+        let group_instance_id = match self.group_instance_id.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(id) if valid_kafka_name(id) => Some(id.to_string()),
+            Some(id) => {
+                return Err(invalid(
+                    "--group-instance-id",
+                    "KAFKA_GROUP_INSTANCE_ID",
+                    format!("{id:?}: use at most 249 of a-z A-Z 0-9 . _ -"),
+                ))
+            }
+        };
         let mut accepted_schema_versions = Vec::new();
         for text in &self.accepted_schema_versions {
             let version = text.trim().parse::<u32>().map_err(|_| {
@@ -435,12 +448,21 @@ impl ProcessorConfig {
             mailbox_capacity: self.mailbox_capacity,
             commit_interval: Duration::from_millis(self.commit_interval_ms),
             accepted_schema_versions,
-            fetch_rewind: self.fetch_rewind,
             session_timeout: Duration::from_millis(self.session_timeout_ms),
+            group_instance_id,
             ..self.connections.pipeline_config()
         };
         Ok((config, metrics_addr))
     }
+}
+
+/// Whether a name is one Kafka accepts for a topic or a group instance:
+/// 1 to 249 characters of ASCII letters, digits, `.`, `_` and `-`.
+pub fn valid_kafka_name(name: &str) -> bool {
+    (1..=249).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Checks `host:port[,host:port]`.
@@ -503,12 +525,33 @@ mod tests {
         assert_eq!(config.topic, "events");
         assert_eq!(config.dlq_topic, "events.dlq");
         assert_eq!(metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(
+            config.group_instance_id, None,
+            "dynamic membership by default"
+        );
+    }
+
+    #[test]
+    fn a_group_instance_id_makes_the_membership_static() {
+        let (config, _) = parse(&["--group-instance-id", "processor-7d9f-x2"])
+            .validate()
+            .expect("valid");
+        assert_eq!(
+            config.group_instance_id.as_deref(),
+            Some("processor-7d9f-x2")
+        );
+        let (config, _) = parse(&["--group-instance-id", ""])
+            .validate()
+            .expect("valid");
+        assert_eq!(config.group_instance_id, None, "empty means unset");
     }
 
     #[test]
     fn each_bad_value_names_its_setting() {
-        let cases: [(&[&str], &str); 7] = [
+        let cases: [(&[&str], &str); 9] = [
             (&["--brokers", "nohostport"], "--brokers"),
+            (&["--session-timeout-ms", "3000"], "--session-timeout-ms"),
+            (&["--group-instance-id", "pod 0"], "--group-instance-id"),
             (&["--batch-size", "0"], "--batch-size"),
             (&["--mailbox-capacity", "0"], "--mailbox-capacity"),
             (&["--postgres-url", "mysql:://x"], "--postgres-url"),

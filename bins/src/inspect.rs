@@ -15,10 +15,9 @@ use stream_actors::PipelineConfig;
 use stream_actors::topic::KAFKA_TIMEOUT;
 pub use stream_actors::topic::{end_offsets, partitions, plain_consumer, read_topic, ReadRecord};
 
-/// [`end_offsets`] on a blocking thread: it waits on the broker for seconds
-/// (Tansu scans a partition's batches per ListOffsets), which inside async
-/// code would hold a runtime worker, and with it half of an in-process
-/// pipeline on two cores.
+/// [`end_offsets`] on a blocking thread: it waits on the broker (one
+/// ListOffsets per partition), which inside async code would hold a runtime
+/// worker, and with it half of an in-process pipeline on two cores.
 pub async fn end_offsets_async(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
     let (brokers, topic) = (brokers.to_string(), topic.to_string());
     tokio::task::spawn_blocking(move || end_offsets(&brokers, &topic))

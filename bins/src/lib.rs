@@ -12,6 +12,7 @@
 //! - [`sqs_consumer`]: runs the SQS consumer actor under its supervisor.
 //! - [`dlq`]: `streamctl dlq stats|show|replay`.
 //! - [`scratch`]: private topics and databases for tests and measurements.
+//! - [`topics`]: `streamctl topics ensure`, the topics through the Kafka admin API.
 
 pub mod admin;
 pub mod audit;
@@ -24,6 +25,7 @@ pub mod prometheus;
 pub mod report;
 pub mod scratch;
 pub mod sqs_consumer;
+pub mod topics;
 pub mod watch;
 
 /// Sets up `tracing` to stderr; `RUST_LOG` overrides the default level.

@@ -12,7 +12,7 @@
 //! the DLQ producer, waits a backoff (exponential with jitter) and starts all
 //! five again. All five, because the dead child's mailbox is lost and with it
 //! records the others already tracked: only a restart from the persisted
-//! checkpoint (the consumer rejoins the group and is assigned at the
+//! checkpoint (the Kafka client, which stays in the group, is rewound to the
 //! checkpoint) puts them back, and the idempotent sinks and the DLQ writer's
 //! read-back absorb the replay. A restart intensity bounds this: more than
 //! `max_restarts` restarts within `window` and the supervisor escalates

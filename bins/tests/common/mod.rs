@@ -167,17 +167,9 @@ impl Outage {
         }
     }
 
-    /// `scripts/services.sh up`: the service is back and healthy.
+    /// `scripts/services.sh start <service>`: the service is back and healthy.
     pub fn end(&mut self) {
-        let up = Command::new("bash")
-            .args([SERVICES_SH, "up"])
-            .status()
-            .expect("services.sh up");
-        assert!(
-            up.success(),
-            "services.sh up failed after stopping {}",
-            self.service
-        );
+        start_service(self.service);
         self.restored = true;
     }
 }
@@ -185,7 +177,54 @@ impl Outage {
 impl Drop for Outage {
     fn drop(&mut self) {
         if !self.restored {
-            let _ = Command::new("bash").args([SERVICES_SH, "up"]).status();
+            let _ = Command::new("bash")
+                .args([SERVICES_SH, "start", self.service])
+                .status();
+        }
+    }
+}
+
+/// `scripts/services.sh start <service>`: starts it (nothing is installed,
+/// nothing is built) and waits until it is healthy.
+pub fn start_service(service: &str) {
+    let started = Command::new("bash")
+        .args([SERVICES_SH, "start", service])
+        .status()
+        .expect("services.sh start");
+    assert!(started.success(), "services.sh start {service} failed");
+}
+
+/// The local Kafka broker SIGKILLed (`scripts/services.sh kill kafka`): a
+/// crash, with no controlled shutdown. Dropping it starts the broker again,
+/// even when the test fails half-way.
+pub struct BrokerCrash {
+    restarted: bool,
+}
+
+impl BrokerCrash {
+    /// SIGKILLs the broker and waits until the process is gone.
+    pub fn sigkill() -> BrokerCrash {
+        let killed = Command::new("bash")
+            .args([SERVICES_SH, "kill", "kafka"])
+            .status()
+            .expect("services.sh kill kafka");
+        assert!(killed.success(), "services.sh kill kafka failed");
+        BrokerCrash { restarted: false }
+    }
+
+    /// Starts the broker again from its log on disk and waits until it serves.
+    pub fn restart(&mut self) {
+        start_service("kafka");
+        self.restarted = true;
+    }
+}
+
+impl Drop for BrokerCrash {
+    fn drop(&mut self) {
+        if !self.restarted {
+            let _ = Command::new("bash")
+                .args([SERVICES_SH, "start", "kafka"])
+                .status();
         }
     }
 }

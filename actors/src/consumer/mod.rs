@@ -1,0 +1,259 @@
+//! The consumer: reads the source topic and hands batches to the parser.
+//!
+//! Upstream: Kafka (an rdkafka `BaseConsumer` in a consumer group,
+//! auto-commit off). Downstream: the parser, through a bounded mailbox; the
+//! committer, told what is handed out (`Track`) before it is handed out; the
+//! DLQ writer, told each assignment's checkpoints (`Assigned`) before any
+//! record of those partitions.
+//!
+//! - [`rebalance`]: the librdkafka context. Every assignment starts each
+//!   partition at its persisted checkpoint; every revocation is settled with
+//!   the committer first.
+//! - [`client`]: the client's settings (cooperative-sticky assignor, static
+//!   membership), its creation, and the rewind an actor restart does instead
+//!   of a rejoin.
+//! - this module: the actor's poll loop.
+//!
+//! Backpressure: when the parser's mailbox is full, `send` waits and the
+//! consumer stops polling; librdkafka's prefetch queue fills and fetching
+//! stops, so a burst becomes lag, not memory.
+//!
+//! If it fails (the broker gone for good, a checkpoint it cannot read), its
+//! supervisor restarts the pipeline; records it read but did not commit are
+//! read again from the checkpoint.
+
+pub mod client;
+pub mod rebalance;
+
+pub use client::{check_topics, create_consumer, rewind_to_checkpoint};
+pub use rebalance::{CheckpointingContext, RebalanceNotice};
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use tracing::{info, warn};
+
+use crate::committer::CommitterMsg;
+use crate::dlq_writer::DlqWriterMsg;
+use crate::error::PipelineError;
+use crate::mailbox::BoundedSender;
+use crate::metrics as names;
+use crate::models::{RawRecord, SourcePosition};
+use crate::parser::ParserMsg;
+
+/// How long one poll waits for the first record, so the actor stays responsive.
+const POLL_WAIT: Duration = Duration::from_millis(100);
+
+/// What the consumer starts with.
+pub struct ConsumerArgs {
+    /// The rdkafka consumer, shared with the committer.
+    pub consumer: Arc<BaseConsumer<CheckpointingContext>>,
+    /// Source topic.
+    pub topic: String,
+    /// The most records handed to the parser in one message.
+    pub batch_size: usize,
+    /// The parser's bounded mailbox.
+    pub parser: BoundedSender<ParserMsg>,
+    /// The committer, told what is handed out.
+    pub committer: ActorRef<CommitterMsg>,
+    /// The DLQ writer, told each assignment's checkpoints before any record.
+    pub dlq_writer: ActorRef<DlqWriterMsg>,
+    /// Injected faults.
+    pub faults: Arc<crate::faults::Faults>,
+}
+
+/// Messages the consumer handles.
+#[derive(Debug)]
+pub enum ConsumerMsg {
+    /// Read the next batch (the actor sends this to itself after each batch).
+    Poll,
+}
+
+/// The consumer's state.
+pub struct ConsumerState {
+    args: ConsumerArgs,
+}
+
+/// The consumer actor.
+pub struct ConsumerActor;
+
+impl Actor for ConsumerActor {
+    type Msg = ConsumerMsg;
+    type State = ConsumerState;
+    type Arguments = ConsumerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let subscribed = args
+            .consumer
+            .subscription()
+            .map_err(PipelineError::kafka("read the subscription"))?
+            .count()
+            > 0;
+        if subscribed {
+            // A restart in the same process: the client (and its place in
+            // the group) survived; only the actors are new. Rewind what it
+            // holds to the checkpoint and tell the new DLQ writer.
+            let consumer = args.consumer.clone();
+            let assigned =
+                tokio::task::spawn_blocking(move || rewind_to_checkpoint(&consumer)).await??;
+            info!(?assigned, "rewound to the checkpoint");
+            args.dlq_writer.cast(DlqWriterMsg::Assigned(assigned))?;
+        } else {
+            args.consumer
+                .subscribe(&[&args.topic])
+                .map_err(PipelineError::kafka(format!("subscribe to {}", args.topic)))?;
+        }
+        Ok(ConsumerState { args })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        myself.cast(ConsumerMsg::Poll)?;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.args.faults.panic_if_armed("consumer");
+        match message {
+            ConsumerMsg::Poll => {
+                let consumer = state.args.consumer.clone();
+                let batch_size = state.args.batch_size;
+                let records =
+                    tokio::task::spawn_blocking(move || poll_batch(&consumer, batch_size)).await?;
+                for notice in state.args.consumer.context().take_notices() {
+                    match notice {
+                        // Before any record of these partitions goes out.
+                        RebalanceNotice::Assigned(assigned) => state
+                            .args
+                            .dlq_writer
+                            .cast(DlqWriterMsg::Assigned(assigned))?,
+                        // Already settled with the committer inside the callback.
+                        RebalanceNotice::Revoked(_) => {}
+                        RebalanceNotice::CheckpointUnavailable(reason) => {
+                            return Err(format!(
+                                "partitions assigned but the checkpoint cannot be read: {reason}"
+                            )
+                            .into());
+                        }
+                    }
+                }
+                if !records.is_empty() {
+                    metrics::counter!(names::EVENTS_CONSUMED).increment(records.len() as u64);
+                    let positions = records.iter().map(|record| record.position).collect();
+                    state.args.committer.cast(CommitterMsg::Track(positions))?;
+                    state
+                        .args
+                        .parser
+                        .send(|permit| ParserMsg::Parse { records, permit })
+                        .await?;
+                }
+                myself.cast(ConsumerMsg::Poll)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `dlq.replay.count` header of a record replayed from the dead-letter topic.
+fn replay_count(message: &rdkafka::message::BorrowedMessage<'_>) -> u32 {
+    use rdkafka::message::Headers;
+    let Some(headers) = message.headers() else {
+        return 0;
+    };
+    headers
+        .iter()
+        .find(|header| header.key == crate::dlq_writer::REPLAY_COUNT_HEADER)
+        .and_then(|header| header.value)
+        .and_then(|value| std::str::from_utf8(value).ok())
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Drops the records of partitions revoked while the batch was collected:
+/// the committer settled those partitions without them, and their next owner
+/// reads them again from the checkpoint.
+fn drop_revoked(records: &mut Vec<RawRecord>, revoked: &HashSet<i32>) {
+    if !revoked.is_empty() {
+        records.retain(|record| !revoked.contains(&record.position.partition));
+    }
+}
+
+/// Reads up to `batch_size` records: waits up to [`POLL_WAIT`] for the first,
+/// then takes what is already fetched without waiting. Rebalance callbacks
+/// run inside these polls.
+fn poll_batch(consumer: &BaseConsumer<CheckpointingContext>, batch_size: usize) -> Vec<RawRecord> {
+    let context = consumer.context();
+    let _polling = context.poll_lock.lock();
+    let mut records = Vec::new();
+    let mut wait = POLL_WAIT;
+    while records.len() < batch_size {
+        let polled = consumer.poll(wait);
+        drop_revoked(&mut records, &context.take_revoked());
+        match polled {
+            None => break,
+            Some(Ok(message)) => records.push(RawRecord {
+                position: SourcePosition {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                },
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().map(<[u8]>::to_vec),
+                replay_count: replay_count(&message),
+                kafka_timestamp_ms: message.timestamp().to_millis(),
+            }),
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(poll_error)) => {
+                // Broker and transport errors are retried by librdkafka; report and carry on.
+                warn!(%poll_error, "consumer poll error");
+                break;
+            }
+        }
+        wait = Duration::ZERO;
+    }
+    records
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(partition: i32, offset: i64) -> RawRecord {
+        RawRecord {
+            position: SourcePosition { partition, offset },
+            key: None,
+            payload: None,
+            replay_count: 0,
+            kafka_timestamp_ms: None,
+        }
+    }
+
+    #[test]
+    fn records_of_a_partition_revoked_mid_batch_are_dropped() {
+        let mut records = vec![record(0, 1), record(1, 1), record(0, 2), record(2, 9)];
+        drop_revoked(&mut records, &HashSet::new());
+        assert_eq!(records.len(), 4);
+        drop_revoked(&mut records, &HashSet::from([0]));
+        let kept: Vec<(i32, i64)> = records
+            .iter()
+            .map(|record| (record.position.partition, record.position.offset))
+            .collect();
+        assert_eq!(kept, vec![(1, 1), (2, 9)]);
+    }
+}

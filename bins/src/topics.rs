@@ -1,0 +1,232 @@
+//! `streamctl topics ensure`: the source and dead-letter topics, created
+//! through the Kafka admin API when missing (or deleted and created again
+//! with `--recreate`). The same command sets up the local broker
+//! (`scripts/services.sh`), the demo and the cluster's topic-init job.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
+
+/// A topic the pipeline needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// Its name.
+    pub name: String,
+    /// Partitions to create it with.
+    pub partitions: i32,
+}
+
+/// What `ensure` found or did for one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It was there with this many partitions.
+    Existed(i32),
+    /// It was created.
+    Created,
+    /// It was deleted and created again.
+    Recreated,
+}
+
+/// How long one admin request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a wait asks the broker again.
+const POLL_EVERY: Duration = Duration::from_millis(250);
+
+fn admin_client(brokers: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .with_context(|| format!("cannot create a Kafka admin client for {brokers}"))
+}
+
+/// Each topic's partition count, as the broker's metadata shows it now
+/// (None: no such topic). Fails when the broker does not answer.
+fn partition_counts(
+    metadata_client: &BaseConsumer,
+    topics: &[TopicSpec],
+) -> anyhow::Result<Vec<Option<i32>>> {
+    let metadata = metadata_client
+        .fetch_metadata(None, REQUEST_TIMEOUT)
+        .context("the broker does not answer metadata requests")?;
+    Ok(topics
+        .iter()
+        .map(|spec| {
+            metadata
+                .topics()
+                .iter()
+                .find(|topic| topic.name() == spec.name && topic.error().is_none())
+                .map(|topic| {
+                    topic
+                        .partitions()
+                        .iter()
+                        .filter(|partition| partition.leader() >= 0)
+                        .count() as i32
+                })
+        })
+        .collect())
+}
+
+/// Polls the metadata until `done` holds for the counts (or the deadline).
+fn wait_for_metadata(
+    metadata_client: &BaseConsumer,
+    topics: &[TopicSpec],
+    deadline: Instant,
+    what: &str,
+    done: impl Fn(&[Option<i32>]) -> bool,
+) -> anyhow::Result<Vec<Option<i32>>> {
+    loop {
+        let last = partition_counts(metadata_client, topics);
+        match &last {
+            Ok(counts) if done(counts) => return last,
+            _ if Instant::now() >= deadline => {
+                let seen = last.map(|counts| format!("{counts:?}"));
+                bail!("timed out waiting for {what} (last seen: {seen:?})");
+            }
+            _ => std::thread::sleep(POLL_EVERY),
+        }
+    }
+}
+
+/// Makes sure every topic exists: creates the missing ones (replication
+/// factor `replication`), or with `recreate` deletes them all first. Waits
+/// (up to `wait`) for the broker to answer, then for every partition to have
+/// a leader. A topic that exists is left as it is, whatever its partitions.
+pub async fn ensure(
+    brokers: &str,
+    topics: &[TopicSpec],
+    replication: i32,
+    recreate: bool,
+    wait: Duration,
+) -> anyhow::Result<Vec<(TopicSpec, Outcome)>> {
+    let deadline = Instant::now() + wait;
+    let admin = admin_client(brokers)?;
+    let metadata_client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .with_context(|| format!("cannot create a Kafka client for {brokers}"))?;
+    let metadata_client = std::sync::Arc::new(metadata_client);
+    let counts = {
+        let (client, specs) = (metadata_client.clone(), topics.to_vec());
+        tokio::task::spawn_blocking(move || {
+            wait_for_metadata(&client, &specs, deadline, "the broker", |_| true)
+        })
+        .await?
+        .with_context(|| format!("cannot reach the Kafka broker at {brokers}"))?
+    };
+    let options = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
+    if recreate {
+        let existing: Vec<&str> = topics
+            .iter()
+            .zip(&counts)
+            .filter(|(_, count)| count.is_some())
+            .map(|(spec, _)| spec.name.as_str())
+            .collect();
+        if !existing.is_empty() {
+            for result in admin.delete_topics(&existing, &options).await? {
+                match result {
+                    Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                    Err((topic, code)) => bail!("cannot delete topic {topic}: {code}"),
+                }
+            }
+            let (client, specs) = (metadata_client.clone(), topics.to_vec());
+            tokio::task::spawn_blocking(move || {
+                wait_for_metadata(
+                    &client,
+                    &specs,
+                    deadline,
+                    "the topics' deletion",
+                    |counts| counts.iter().all(Option::is_none),
+                )
+            })
+            .await??;
+        }
+    }
+    let mut outcomes = Vec::new();
+    for (spec, count) in topics.iter().zip(&counts) {
+        if let (Some(partitions), false) = (count, recreate) {
+            outcomes.push((spec.clone(), Outcome::Existed(*partitions)));
+            continue;
+        }
+        // A topic just deleted can still be "marked for deletion" for a
+        // moment: its creation is refused as existing until then.
+        loop {
+            let new_topic = NewTopic::new(
+                &spec.name,
+                spec.partitions,
+                TopicReplication::Fixed(replication),
+            );
+            let result = admin
+                .create_topics(&[new_topic], &options)
+                .await?
+                .pop()
+                .context("no answer to create_topics")?;
+            match result {
+                Ok(_) => break,
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) if !recreate => break,
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) if Instant::now() < deadline => {
+                    tokio::time::sleep(POLL_EVERY).await;
+                }
+                Err((topic, code)) => bail!("cannot create topic {topic}: {code}"),
+            }
+        }
+        outcomes.push((
+            spec.clone(),
+            if recreate && count.is_some() {
+                Outcome::Recreated
+            } else {
+                Outcome::Created
+            },
+        ));
+    }
+    let expected: Vec<Option<i32>> = outcomes
+        .iter()
+        .map(|(spec, outcome)| match outcome {
+            Outcome::Existed(partitions) => Some(*partitions),
+            Outcome::Created | Outcome::Recreated => Some(spec.partitions),
+        })
+        .collect();
+    let (client, specs) = (metadata_client.clone(), topics.to_vec());
+    tokio::task::spawn_blocking(move || {
+        wait_for_metadata(
+            &client,
+            &specs,
+            deadline,
+            "every partition to have a leader",
+            |counts| counts == expected.as_slice(),
+        )
+    })
+    .await??;
+    Ok(outcomes)
+}
+
+/// One line per topic, for the command's output.
+pub fn render(outcomes: &[(TopicSpec, Outcome)]) -> String {
+    outcomes
+        .iter()
+        .map(|(spec, outcome)| match outcome {
+            Outcome::Existed(partitions) if *partitions == spec.partitions => {
+                format!("topic {}: exists ({partitions} partitions)", spec.name)
+            }
+            Outcome::Existed(partitions) => format!(
+                "topic {}: exists with {partitions} partitions (asked for {}; left as it is)",
+                spec.name, spec.partitions
+            ),
+            Outcome::Created => {
+                format!(
+                    "topic {}: created ({} partitions)",
+                    spec.name, spec.partitions
+                )
+            }
+            Outcome::Recreated => format!(
+                "topic {}: deleted and created again ({} partitions)",
+                spec.name, spec.partitions
+            ),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
