@@ -27,17 +27,15 @@ mkdir -p "$STATE"
 say() { printf '%s\n' "$*" >&2; }
 
 say "== 0. services =="
-bash scripts/services.sh up
+# services.sh creates the topics with streamctl: build it in release, as below.
+STREAMCTL_PROFILE=release bash scripts/services.sh up
 
 say "== building release binaries (first time takes a few minutes) =="
 cargo build --release -p stream-bins -p loadgen
 BIN="$ROOT/target/release"
 
 say "== starting clean: topics recreated, tables dropped, group $GROUP =="
-for topic in events events.dlq; do
-  tansu topic delete "$topic" --broker "tcp://${BROKERS}" >/dev/null 2>&1 || true
-  tansu topic create "$topic" --partitions 6 --broker "tcp://${BROKERS}" >/dev/null
-done
+"$BIN/streamctl" topics ensure --brokers "$BROKERS" --topic events --dlq-topic events.dlq --recreate >&2
 psql -q "$POSTGRES_URL" -c 'DROP TABLE IF EXISTS events; DROP TABLE IF EXISTS pipeline_checkpoints;' >/dev/null
 curl -sf "$CLICKHOUSE_URL/" --data-binary 'DROP TABLE IF EXISTS pipeline.events' >/dev/null
 
@@ -71,8 +69,10 @@ promql() {
 say "== 1. processor =="
 PROCESSOR_PID=""
 start_processor() {
+  # Static membership (as the pod name in Kubernetes): the restarted process
+  # takes its partitions back without waiting out the session timeout.
   "$BIN/processor" --brokers "$BROKERS" --group "$GROUP" --postgres-url "$POSTGRES_URL" \
-    --clickhouse-url "$CLICKHOUSE_URL" --metrics-addr "$METRICS_ADDR" \
+    --clickhouse-url "$CLICKHOUSE_URL" --metrics-addr "$METRICS_ADDR" --group-instance-id demo-processor-0 \
     >>"$STATE/processor.log" 2>&1 &
   PROCESSOR_PID=$!
   for _ in $(seq 1 200); do

@@ -7,9 +7,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 /// How long a metadata or watermark request may take.
@@ -26,17 +29,38 @@ pub fn plain_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
         .with_context(|| format!("cannot create a kafka client for {brokers}"))
 }
 
+/// The reading client's context. librdkafka reports a partition's end (with
+/// `enable.partition.eof`) as an error event, which rdkafka's default
+/// context logs at ERROR; reaching the end is what a read waits for, so it
+/// is logged at debug, and every other error as before.
+pub struct EndOfPartitionIsNotAnError;
+
+impl ClientContext for EndOfPartitionIsNotAnError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error,
+            KafkaError::Global(RDKafkaErrorCode::PartitionEOF) | KafkaError::PartitionEOF(_)
+        ) {
+            tracing::debug!(%reason, "reached the end of a partition");
+        } else {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for EndOfPartitionIsNotAnError {}
+
 /// A client for manual reads that reports each partition's end (a partition
 /// EOF), so a read stops at the end even when the last offsets hold no
 /// record a consumer sees (transaction markers).
-fn eof_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
+fn eof_consumer(brokers: &str) -> anyhow::Result<BaseConsumer<EndOfPartitionIsNotAnError>> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "streamctl-inspect")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "10")
-        .create()
+        .create_with_context(EndOfPartitionIsNotAnError)
         .with_context(|| format!("cannot create a kafka client for {brokers}"))
 }
 
@@ -177,7 +201,7 @@ pub fn read_topic(
                 }
             }
             // At the high watermark, which is at or past the end taken above.
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
                 remaining.remove(&partition);
             }
             Some(Err(error)) => {

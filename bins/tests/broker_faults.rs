@@ -1,12 +1,13 @@
-//! Broker faults injected with librdkafka's mock cluster, in addition to the
-//! tests on the real broker (Tansu): a broker down then up, request errors on
+//! Broker faults. On the real broker (the local Apache Kafka): SIGKILLed
+//! twice mid-run and restarted from its log on disk. In addition, injected
+//! with librdkafka's mock cluster: a broker down then up, request errors on
 //! OffsetCommit and Produce, added round-trip time. The stores are the real
 //! PostgreSQL and ClickHouse; every test ends with the audit: produced =
 //! stored + dead-lettered, no duplicates anywhere.
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use rdkafka::mocking::MockCluster;
@@ -37,6 +38,72 @@ async fn finish(
     env.wait_for_catch_up(Duration::from_secs(300)).await;
     assert_eq!(pipeline.shutdown().await, PipelineExit::Stopped);
     let audit = audit(env).await;
+    eprintln!("{}", audit.render());
+    assert!(audit.clean(), "{}", audit.render());
+    assert_eq!(audit.total.records, ledger.sent);
+    assert_eq!(audit.total.stored, ledger.valid);
+    assert_eq!(audit.total.dead_lettered, ledger.poison);
+}
+
+/// Rows in the scratch PostgreSQL `events` table (0 before it exists).
+async fn stored(env: &TestEnv) -> i64 {
+    stream_bins::inspect::postgres_counts(&env.config.postgres_url)
+        .await
+        .map(|counts| counts.rows)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kafka_broker_sigkilled_twice_mid_run_loses_and_duplicates_nothing() {
+    const EVENTS: u64 = 80_000;
+    let env = TestEnv::new("brokerkill", 6).await;
+    let mut processor =
+        ProcessorProcess::start(&env, &[("KAFKA_GROUP_INSTANCE_ID", "brokerkill-0")]);
+    processor.wait_ready(Duration::from_secs(60));
+    let producer_env = env.config.clone();
+    let production = tokio::spawn(async move {
+        loadgen::run(&loadgen::LoadgenConfig {
+            brokers: producer_env.brokers.clone(),
+            topic: producer_env.topic.clone(),
+            count: EVENTS,
+            rate: 4_000,
+            poison_rate: 0.01,
+            seed: 404,
+            producers: 2,
+            progress: false,
+        })
+        .await
+        .expect("loadgen")
+    });
+    for (kill, target) in [15_000, 45_000].into_iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        while stored(&env).await < target {
+            assert!(
+                Instant::now() < deadline,
+                "kill {kill}: {target} rows never stored:\n{}",
+                processor.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let killed_at = Instant::now();
+        let mut broker = BrokerCrash::sigkill();
+        broker.restart();
+        eprintln!(
+            "broker kill {}: SIGKILL at {target} rows stored, serving again {:.1} s later",
+            kill + 1,
+            killed_at.elapsed().as_secs_f64()
+        );
+        assert!(
+            processor.child.try_wait().unwrap().is_none(),
+            "the processor died with the broker:\n{}",
+            processor.log_tail()
+        );
+    }
+    let ledger = production.await.expect("loadgen task");
+    assert_eq!(ledger.sent, EVENTS);
+    env.wait_for_catch_up(Duration::from_secs(300)).await;
+    assert_eq!(processor.terminate(Duration::from_secs(60)), Some(0));
+    let audit = audit(&env).await;
     eprintln!("{}", audit.render());
     assert!(audit.clean(), "{}", audit.render());
     assert_eq!(audit.total.records, ledger.sent);

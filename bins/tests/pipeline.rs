@@ -1,4 +1,4 @@
-//! End-to-end tests of the pipeline on the real local services (Tansu,
+//! End-to-end tests of the pipeline on the real local services (Apache Kafka,
 //! PostgreSQL, ClickHouse): `scripts/services.sh up` must have run.
 
 mod common;

@@ -72,7 +72,11 @@ async fn five_sigkills_during_a_200k_run_lose_nothing_and_store_nothing_twice() 
     targets.sort_unstable();
     let mut consumed_total = 0.0;
     let mut recoveries = Vec::new();
-    let mut processor = ProcessorProcess::start(&env, &[]);
+    // Static membership, as in Kubernetes (the pod name): the restarted
+    // process takes its partitions back without waiting for the session
+    // timeout to evict the killed one.
+    let member = [("KAFKA_GROUP_INSTANCE_ID", "sigkill-0")];
+    let mut processor = ProcessorProcess::start(&env, &member);
     processor.wait_ready(Duration::from_secs(60));
     for (kill, target) in targets.iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(240);
@@ -90,7 +94,7 @@ async fn five_sigkills_during_a_200k_run_lose_nothing_and_store_nothing_twice() 
         processor.kill9();
         let killed_at = now_seconds();
         // Restarted at once, as an orchestrator would; timed to its first commit.
-        processor = ProcessorProcess::start(&env, &[]);
+        processor = ProcessorProcess::start(&env, &member);
         let deadline = Instant::now() + Duration::from_secs(60);
         while last_checkpoint_at(&env).await <= killed_at {
             assert!(
@@ -292,6 +296,65 @@ async fn two_processors_share_the_work_and_one_killed_hands_over_without_loss() 
     let ledger = production.await.expect("loadgen task");
     env.wait_for_catch_up(Duration::from_secs(300)).await;
     assert_eq!(second.terminate(Duration::from_secs(60)), Some(0));
+    let audit = audit(&env).await;
+    eprintln!("{}", audit.render());
+    assert_clean(&audit, &ledger);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_three_with_rolling_sigkills_while_loadgen_runs_loses_nothing() {
+    const EVENTS: u64 = 150_000;
+    let env = TestEnv::new("rolling", 6).await;
+    let ids = ["rolling-0", "rolling-1", "rolling-2"];
+    let start = |id: &str| ProcessorProcess::start(&env, &[("KAFKA_GROUP_INSTANCE_ID", id)]);
+    let mut members: Vec<ProcessorProcess> = ids.iter().map(|id| start(id)).collect();
+    for member in &mut members {
+        member.wait_ready(Duration::from_secs(60));
+    }
+    let producer_env = env.config.clone();
+    let production = tokio::spawn(async move {
+        loadgen::run(&loadgen::LoadgenConfig {
+            brokers: producer_env.brokers.clone(),
+            topic: producer_env.topic.clone(),
+            count: EVENTS,
+            rate: 6_000,
+            poison_rate: 0.01,
+            seed: 303,
+            producers: 2,
+            progress: false,
+        })
+        .await
+        .expect("loadgen")
+    });
+    // Two rounds: each member SIGKILLed once per round and restarted at
+    // once with its own group.instance.id, at points spread over the run.
+    let kills = 2 * ids.len();
+    for kill in 0..kills {
+        let target = (EVENTS as i64 * 8 / 10) * (kill as i64 + 1) / (kills as i64 + 1);
+        let deadline = Instant::now() + Duration::from_secs(240);
+        while stored(&env).await < target {
+            assert!(
+                Instant::now() < deadline,
+                "kill {kill}: {target} rows never stored"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let index = kill % ids.len();
+        members[index].kill9();
+        members[index] = start(ids[index]);
+        members[index].wait_ready(Duration::from_secs(60));
+        eprintln!(
+            "kill {}: {} SIGKILLed at {target} rows stored and restarted",
+            kill + 1,
+            ids[index]
+        );
+    }
+    let ledger = production.await.expect("loadgen task");
+    assert_eq!(ledger.sent, EVENTS);
+    env.wait_for_catch_up(Duration::from_secs(300)).await;
+    for member in &mut members {
+        assert_eq!(member.terminate(Duration::from_secs(60)), Some(0));
+    }
     let audit = audit(&env).await;
     eprintln!("{}", audit.render());
     assert_clean(&audit, &ledger);
