@@ -56,7 +56,7 @@ deploy:
 
 # Stores first, then the topics, then everything else.
 wait:
-	$(K) -n platform rollout status statefulset/redpanda --timeout=$(TIMEOUT)
+	$(K) -n platform rollout status statefulset/kafka --timeout=$(TIMEOUT)
 	$(K) -n platform rollout status statefulset/postgres --timeout=$(TIMEOUT)
 	$(K) -n platform rollout status statefulset/clickhouse --timeout=$(TIMEOUT)
 	$(K) -n platform wait --for=condition=complete job/topic-init --timeout=$(TIMEOUT)

@@ -7,14 +7,17 @@
 #     schemas (kubernetes-validate --strict, offline: the schemas ship with it,
 #     installed into .services/venv-k8s when missing);
 #   - the policy tests, k8s/tests/test_policy.py (probes, resources, non-root,
-#     PVCs, images, env vars against the binaries' --help, ... and negative
-#     self-checks); the binaries come from target/debug (BIN_DIR), built with
-#     cargo only when missing;
+#     PVCs, images, env vars against the binaries' --help; the broker: Apache
+#     Kafka's official image in KRaft mode, its log dirs on a PVC, no
+#     auto-created topics, replication factor 1 for the offsets and transaction
+#     topics; every KAFKA_BROKERS on the Service kafka; topic-init creating the
+#     processor's topics; the processor's static membership (pod name) and
+#     session timeout; ... and negative self-checks); the binaries come from
+#     target/debug (BIN_DIR), built with cargo only when missing;
 #   - the in-cluster Prometheus config passes promtool (when promtool is here);
 #   - the Makefile's targets parse (make -n);
 #   - bash -n and shellcheck on every script under scripts/ and k8s/, and on
-#     the shell snippets the manifests run (`bash -c` in topic-init, the init
-#     containers).
+#     the shell snippets the manifests run (`bash -c` in the init containers).
 # Prints one line per check and ends with "k8s: N passed, M failed"; exits 1
 # when any check failed.
 set -euo pipefail

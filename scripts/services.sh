@@ -244,8 +244,9 @@ install_kafka() {
     [[ -f "$stamp" ]] && return 0
     command -v java >/dev/null || die "kafka: java not found (Apache Kafka $KAFKA_VERSION needs Java 17 or newer)"
     java_version="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')"
-    [[ "${java_version%%.*}" =~ ^[0-9]+$ ]] && ((${java_version%%.*} >= 17)) ||
+    if ! [[ "${java_version%%.*}" =~ ^[0-9]+$ ]] || ((${java_version%%.*} < 17)); then
         die "kafka: java $java_version found; Apache Kafka $KAFKA_VERSION needs Java 17 or newer"
+    fi
     command -v mvn >/dev/null || die "kafka: mvn not found (Maven resolves the Kafka jars from Maven Central)"
     log "kafka: resolving Apache Kafka $KAFKA_VERSION from Maven Central (log: $STATE/kafka-install.log)..."
     rm -rf "$KAFKA_LIBS"

@@ -18,15 +18,26 @@ What every workload must have:
     level), plus the rest of the Pod Security "restricted" profile the
     namespaces enforce (no privilege escalation, capabilities drop ALL,
     RuntimeDefault seccomp);
-  - every StatefulSet (Redpanda, Postgres and ClickHouse among them): a
+  - every StatefulSet (Kafka, Postgres and ClickHouse among them): a
     volumeClaimTemplate, mounted;
   - images: the Makefile's IMAGE for the project's workloads, every other
     image a pinned third-party one (a tag that is not `latest`, or a digest);
   - a container of the project's image runs one of its binaries, and every
     environment variable it sets is a setting that binary reads (the
     `[env: NAME` entries of its `--help`, or its subcommand's);
+the broker: Apache Kafka from the official image (apache/kafka), one KRaft
+node that is broker and controller, its log dirs on its PVC, a fixed
+CLUSTER_ID, no service links (the image reads every KAFKA_* variable as a
+broker setting), auto.create.topics.enable=false and replication factor 1
+for the offsets and transaction topics (one node); every KAFKA_BROKERS names
+the Service `kafka` on its port, and every project binary that reads
+KAFKA_BROKERS gets it; the topic-init Job creates, with `streamctl topics
+ensure`, every topic the processor and loadgen use;
 and the glue: metrics ports and scrape annotations agree with METRICS_ADDR,
-the processor runs 2 replicas under a PodDisruptionBudget, the ConfigMaps
+the processor runs 2 replicas in one group under a PodDisruptionBudget, as
+static members (KAFKA_GROUP_INSTANCE_ID is the pod name), with a
+SESSION_TIMEOUT_MS, if set, within Kafka's default
+group.min/max.session.timeout.ms (6000..300000), the ConfigMaps
 carry observability/ verbatim, the Dockerfile ships the binaries the
 manifests run as the uid they run as, the k3d config names the Makefile's
 cluster. The negative self-checks feed each rule a small bad manifest and
@@ -53,8 +64,18 @@ BIN_DIR = os.environ.get("BIN_DIR") or os.path.join(ROOT, "target", "debug")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
 LONG_RUNNING_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 PROJECT_BINARIES = ("processor", "sqs-consumer", "loadgen", "streamctl")
-STATEFUL_PARTS = ("redpanda", "postgres", "clickhouse")
+STATEFUL_PARTS = ("kafka", "postgres", "clickhouse")
 ENV_NAME = re.compile(r"\[env: ([A-Za-z_][A-Za-z0-9_]*)")
+# The broker: a StatefulSet and its client Service, both `kafka`, running the
+# official image.
+BROKER = "kafka"
+BROKER_IMAGE = ("apache/kafka", "docker.io/apache/kafka")
+# Kafka's default group.min.session.timeout.ms and group.max.session.timeout.ms:
+# the coordinator rejects a member whose session timeout lies outside.
+SESSION_TIMEOUT_MS = (6000, 300000)
+# The topics the binaries use when KAFKA_TOPIC / KAFKA_DLQ_TOPIC are unset
+# (the defaults their --help shows).
+TOPIC_DEFAULTS = {"KAFKA_TOPIC": "events", "KAFKA_DLQ_TOPIC": "events.dlq"}
 
 
 # ---------------------------------------------------------------- inputs
@@ -144,6 +165,18 @@ def env_value(container, name):
         if entry.get("name") == name:
             return entry.get("value")
     return None
+
+
+def env_entry(container, name):
+    """The env entry named name (with `value` or `valueFrom`), or None."""
+    for entry in container.get("env", []):
+        if entry.get("name") == name:
+            return entry
+    return None
+
+
+def matches(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
 # ---------------------------------------------------------------- rules
@@ -392,17 +425,229 @@ def rule_processor(docs, project_image):
                       if c.get("image") == project_image), None)
     if container is None:
         return bad + ["processor: no container runs %s" % project_image]
-    if env_value(container, "FETCH_REWIND") != "0":
-        bad.append("processor: FETCH_REWIND must be \"0\" on Redpanda (the rewind is for Tansu)")
     group = env_value(container, "KAFKA_GROUP")
     if not group:
         bad.append("processor: KAFKA_GROUP not set: both replicas must share one group")
+    instance = env_entry(container, "KAFKA_GROUP_INSTANCE_ID") or {}
+    field = ((instance.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+    if field != "metadata.name":
+        bad.append("processor: KAFKA_GROUP_INSTANCE_ID is not the pod name (valueFrom.fieldRef.fieldPath "
+                   "metadata.name): static membership needs an id unique in the group that a restarted "
+                   "container keeps")
+    if env_entry(container, "SESSION_TIMEOUT_MS") is not None:
+        timeout = env_value(container, "SESSION_TIMEOUT_MS")
+        low, high = SESSION_TIMEOUT_MS
+        if not (timeout or "").isdigit() or not low <= int(timeout) <= high:
+            bad.append("processor: SESSION_TIMEOUT_MS %r is not a number of milliseconds in %d..%d "
+                       "(Kafka's default group.min/max.session.timeout.ms; the broker rejects the member)"
+                       % (timeout, low, high))
     budgets = [d for d in docs if d.get("kind") == "PodDisruptionBudget"
                and all(labels.get(k) == v for k, v in d["spec"].get("selector", {}).get("matchLabels", {}).items())]
     if not budgets:
         bad.append("processor: no PodDisruptionBudget selects its pods")
     elif all(b["spec"].get("minAvailable") != 1 for b in budgets):
         bad.append("processor: PodDisruptionBudget is not minAvailable: 1")
+    return bad
+
+
+def listeners(text):
+    """A KAFKA_LISTENERS-style list: {LISTENER NAME: (host, port)}."""
+    out = {}
+    for item in (text or "").split(","):
+        name, sep, rest = item.strip().partition("://")
+        if sep:
+            host, _, port = rest.rpartition(":")
+            out[name.upper()] = (host, port)
+    return out
+
+
+def target_port(service_port, container):
+    """The container port number a Service port reaches (targetPort by name or number)."""
+    target = service_port.get("targetPort", service_port.get("port"))
+    for port in container.get("ports", []):
+        if port.get("name") == target:
+            return str(port.get("containerPort"))
+    return str(target)
+
+
+# The broker settings the pipeline depends on, as the image's variables (it
+# writes KAFKA_FOO_BAR to server.properties as foo.bar).
+BROKER_SETTINGS = {
+    "KAFKA_AUTO_CREATE_TOPICS_ENABLE": (
+        "false", "topics come from the topic-init Job, never from a produce, a fetch or a metadata request"),
+    "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": (
+        "1", "one node: the default 3 leaves __consumer_offsets uncreated and no consumer group works"),
+    "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": ("1", "one node"),
+    "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": ("1", "one node"),
+}
+# Set as literal values: the node cannot start without them.
+BROKER_REQUIRED = ("KAFKA_NODE_ID", "KAFKA_LISTENERS", "KAFKA_ADVERTISED_LISTENERS",
+                   "KAFKA_CONTROLLER_LISTENER_NAMES", "KAFKA_CONTROLLER_QUORUM_VOTERS",
+                   "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP", "KAFKA_INTER_BROKER_LISTENER_NAME",
+                   "KAFKA_LOG_DIRS", "CLUSTER_ID")
+
+
+def rule_broker(docs):
+    """The broker: apache/kafka, one KRaft node (broker and controller), its log on the PVC, the settings above."""
+    bad = []
+    sts = find(docs, "StatefulSet", BROKER)
+    if sts is None:
+        return ["no StatefulSet %s (the broker)" % BROKER]
+    at = name_of(sts)
+    namespace = sts["metadata"].get("namespace")
+    replicas = sts["spec"].get("replicas", 1)
+    if replicas != 1:
+        bad.append("%s: replicas %r, want 1 (one KRaft node; the internal topics have replication factor 1)"
+                   % (at, replicas))
+    template = sts["spec"].get("template", {})
+    pod = template.get("spec", {})
+    pod_labels = template.get("metadata", {}).get("labels", {})
+    container = next((c for c in pod.get("containers", [])
+                      if image_repository(c.get("image", "")) in BROKER_IMAGE), None)
+    if container is None:
+        return bad + ["%s: no container runs the official image apache/kafka:<tag>" % at]
+    if pod.get("enableServiceLinks") is not False:
+        bad.append("%s: enableServiceLinks is not false: the image makes every KAFKA_* variable a broker "
+                   "setting, the Service %s's links (KAFKA_PORT, KAFKA_SERVICE_HOST, ...) too" % (at, BROKER))
+    env = {e.get("name"): e.get("value") for e in container.get("env", [])}
+    for name in BROKER_REQUIRED:
+        if not env.get(name):
+            bad.append("%s: %s is not set to a value" % (at, name))
+    roles = sorted(r.strip() for r in (env.get("KAFKA_PROCESS_ROLES") or "").split(",") if r.strip())
+    if roles != ["broker", "controller"]:
+        bad.append("%s: KAFKA_PROCESS_ROLES %r, want broker,controller (KRaft, one combined node)"
+                   % (at, env.get("KAFKA_PROCESS_ROLES")))
+    for name, (want, why) in sorted(BROKER_SETTINGS.items()):
+        if env.get(name) != want:
+            bad.append("%s: %s is %r, want %r (%s)" % (at, name, env.get(name), want, why))
+    if env.get("CLUSTER_ID") and not re.fullmatch(r"[A-Za-z0-9_-]{22}", env["CLUSTER_ID"]):
+        bad.append("%s: CLUSTER_ID %r is not a base64url UUID (kafka-storage.sh random-uuid)" % (at, env["CLUSTER_ID"]))
+    # The quorum is this node alone, on its controller listener.
+    bound = listeners(env.get("KAFKA_LISTENERS"))
+    controller = (env.get("KAFKA_CONTROLLER_LISTENER_NAMES") or "").split(",")[0].strip().upper()
+    voters = [v.strip() for v in (env.get("KAFKA_CONTROLLER_QUORUM_VOTERS") or "").split(",") if v.strip()]
+    if env.get("KAFKA_CONTROLLER_QUORUM_VOTERS"):
+        ids = [v.partition("@")[0] for v in voters]
+        if ids != [env.get("KAFKA_NODE_ID")]:
+            bad.append("%s: KAFKA_CONTROLLER_QUORUM_VOTERS %r is not this one node (KAFKA_NODE_ID %r)"
+                       % (at, env.get("KAFKA_CONTROLLER_QUORUM_VOTERS"), env.get("KAFKA_NODE_ID")))
+        elif controller not in bound or voters[0].rpartition(":")[2] != bound[controller][1]:
+            bad.append("%s: the voter %s is not on the controller listener %s of KAFKA_LISTENERS"
+                       % (at, voters[0], controller or "?"))
+    protocols = {k.strip().upper() for k, _, _ in (i.partition(":") for i in
+                 (env.get("KAFKA_LISTENER_SECURITY_PROTOCOL_MAP") or "").split(","))}
+    for name in bound:
+        if name not in protocols:
+            bad.append("%s: listener %s has no KAFKA_LISTENER_SECURITY_PROTOCOL_MAP entry" % (at, name))
+    # Clients: the inter-broker listener is the client one; it advertises the
+    # pod's stable name under the headless Service, on the port it binds.
+    client = (env.get("KAFKA_INTER_BROKER_LISTENER_NAME") or "").upper()
+    advertised = listeners(env.get("KAFKA_ADVERTISED_LISTENERS"))
+    headless = find(docs, "Service", sts["spec"].get("serviceName", ""))
+    stable = ["%s-0.%s.%s.svc%s" % (BROKER, sts["spec"].get("serviceName"), namespace, suffix)
+              for suffix in (".cluster.local", "")]
+    if client not in bound or client not in advertised:
+        bad.append("%s: the inter-broker listener %r is not in both KAFKA_LISTENERS and "
+                   "KAFKA_ADVERTISED_LISTENERS" % (at, client))
+    elif advertised[client][0] not in stable or advertised[client][1] != bound[client][1]:
+        bad.append("%s: listener %s advertises %s:%s, want %s:%s (the pod's name under its headless Service)"
+                   % (at, client, advertised[client][0], advertised[client][1], stable[0], bound[client][1]))
+    if (headless is None or headless["spec"].get("clusterIP") != "None"
+            or not matches(headless["spec"].get("selector"), pod_labels)):
+        bad.append("%s: serviceName %r is not a headless Service selecting its pods"
+                   % (at, sts["spec"].get("serviceName")))
+    service = find(docs, "Service", BROKER)
+    if service is None or service["spec"].get("clusterIP") == "None" or \
+            not matches(service["spec"].get("selector"), pod_labels):
+        bad.append("no Service %s (not headless) selecting the broker's pods: clients bootstrap from it" % BROKER)
+    elif client in bound and not any(target_port(p, container) == bound[client][1]
+                                     for p in service["spec"].get("ports", [])):
+        bad.append("Service %s: no port reaches the client listener (%s)" % (BROKER, bound[client][1]))
+    # The log (and the KRaft metadata log, in the first log dir) on the PVC.
+    claims = {t.get("metadata", {}).get("name") for t in sts["spec"].get("volumeClaimTemplates", [])}
+    mounts = [m["mountPath"].rstrip("/") for m in container.get("volumeMounts", []) if m.get("name") in claims]
+    for path in (env.get("KAFKA_LOG_DIRS") or "").split(","):
+        path = path.strip().rstrip("/")
+        if path and not any(path == m or path.startswith(m + "/") for m in mounts):
+            bad.append("%s: log dir %s is not on a volumeClaimTemplate's mount (%s): a restart would lose the log"
+                       % (at, path, ", ".join(mounts) or "none"))
+    return bad
+
+
+def rule_broker_addresses(docs, project_image, settings=binary_settings):
+    """Every KAFKA_BROKERS is the Service kafka on its port; every project binary that reads it gets it."""
+    bad = []
+    service = find(docs, "Service", BROKER)
+    if service is None:
+        return ["no Service %s: KAFKA_BROKERS has nothing to point at" % BROKER]
+    namespace = service["metadata"].get("namespace")
+    fqdn = ["%s.%s" % (BROKER, namespace), "%s.%s.svc" % (BROKER, namespace),
+            "%s.%s.svc.cluster.local" % (BROKER, namespace)]
+    ports = {str(p.get("port")) for p in service["spec"].get("ports", [])}
+    for doc, _, pod in workloads(docs):
+        local = doc["metadata"].get("namespace") == namespace
+        hosts = ([BROKER] if local else []) + fqdn
+        for is_init, container in containers(pod):
+            at = where(doc, container, is_init)
+            if env_entry(container, "KAFKA_BROKERS") is None:
+                argv = container_command(container)
+                if (container.get("image") == project_image and argv
+                        and os.path.basename(argv[0]) in PROJECT_BINARIES
+                        and "KAFKA_BROKERS" in settings(help_command(argv))):
+                    bad.append("%s: KAFKA_BROKERS is not set (the binary would use its default 127.0.0.1:9092)" % at)
+                continue
+            value = env_value(container, "KAFKA_BROKERS") or ""
+            for address in value.split(","):
+                host, _, port = address.strip().rpartition(":")
+                if host not in hosts or port not in ports:
+                    bad.append("%s: KAFKA_BROKERS %r is not the Service %s (%s:%s)"
+                               % (at, value, BROKER, hosts[-1], "/".join(sorted(ports))))
+    return bad
+
+
+def flag_or_env(container, flag, env):
+    """A setting as the binary sees it: `--flag value`, `--flag=value`, else the env value, else None."""
+    argv = container_command(container)
+    for i, word in enumerate(argv):
+        if word == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith(flag + "="):
+            return word.split("=", 1)[1]
+    return env_value(container, env)
+
+
+def rule_topic_init(docs, project_image):
+    """topic-init creates, with `streamctl topics ensure`, every topic the processor and loadgen use."""
+    bad = []
+    job = find(docs, "Job", "topic-init")
+    if job is None:
+        return ["no Job topic-init: the broker creates no topic (auto.create.topics.enable=false)"]
+    pod = job["spec"]["template"]["spec"]
+    ensure = next((c for _, c in containers(pod) if c.get("image") == project_image
+                   and container_command(c)[:3] == ["streamctl", "topics", "ensure"]), None)
+    if ensure is None:
+        return ["Job/topic-init: no container runs `streamctl topics ensure` from %s" % project_image]
+    created = {flag_or_env(ensure, "--topic", "KAFKA_TOPIC") or TOPIC_DEFAULTS["KAFKA_TOPIC"],
+               flag_or_env(ensure, "--dlq-topic", "KAFKA_DLQ_TOPIC") or TOPIC_DEFAULTS["KAFKA_DLQ_TOPIC"]}
+    for doc, _, _, is_init, container in project_containers(docs, project_image):
+        argv = container_command(container)
+        binary = os.path.basename(argv[0]) if argv else ""
+        if binary == "processor":
+            wanted = [("--topic", "KAFKA_TOPIC"), ("--dlq-topic", "KAFKA_DLQ_TOPIC")]
+        elif binary == "loadgen" and argv[1:2] != ["sqs"]:
+            wanted = [("--topic", "KAFKA_TOPIC")]
+        else:
+            continue
+        for flag, env in wanted:
+            topic = flag_or_env(container, flag, env) or TOPIC_DEFAULTS[env]
+            if topic not in created:
+                bad.append("%s: topic %s (%s) is not one topic-init creates (%s)"
+                           % (where(doc, container, is_init), topic, env, ", ".join(sorted(created))))
+    broker = find(docs, "StatefulSet", BROKER)
+    brokers = broker["spec"].get("replicas", 1) if broker else 1
+    factor = flag_or_env(ensure, "--replication-factor", "TOPIC_REPLICATION_FACTOR") or "1"
+    if not factor.isdigit() or int(factor) > brokers:
+        bad.append("Job/topic-init: replication factor %r, more than the %d broker(s)" % (factor, brokers))
     return bad
 
 
@@ -537,7 +782,7 @@ def good_deployment():
                                     "seccompProfile": {"type": "RuntimeDefault"}},
                 "containers": [{
                     "name": "tiny", "image": "stream-pipeline:dev", "command": ["processor"],
-                    "env": [{"name": "KAFKA_BROKERS", "value": "redpanda:9092"}],
+                    "env": [{"name": "KAFKA_BROKERS", "value": "kafka:9092"}],
                     "livenessProbe": {"httpGet": {"path": "/healthz", "port": 9464}},
                     "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9464}},
                     "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
@@ -551,6 +796,88 @@ def good_deployment():
 
 def fake_settings(command):
     return {"KAFKA_BROKERS", "METRICS_ADDR"} if command == ["processor"] else set()
+
+
+BROKER_ENV = {
+    "KAFKA_NODE_ID": "1",
+    "KAFKA_PROCESS_ROLES": "broker,controller",
+    "KAFKA_LISTENERS": "PLAINTEXT://:9092,CONTROLLER://:9093",
+    "KAFKA_ADVERTISED_LISTENERS": "PLAINTEXT://kafka-0.kafka-headless.platform.svc.cluster.local:9092",
+    "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+    "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:9093",
+    "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+    "KAFKA_INTER_BROKER_LISTENER_NAME": "PLAINTEXT",
+    "CLUSTER_ID": "aN0nGaa1RZS_5_hWgp2osQ",
+    "KAFKA_LOG_DIRS": "/var/lib/kafka/data/kraft-combined-logs",
+    "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
+    "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+    "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
+    "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+}
+
+
+def good_broker():
+    """A one-node KRaft broker with its headless and client Services, which rule_broker accepts."""
+    labels = {"app.kubernetes.io/name": "kafka"}
+    port = {"name": "kafka", "port": 9092, "targetPort": "kafka"}
+    return [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kafka-headless", "namespace": "platform"},
+         "spec": {"clusterIP": "None", "selector": dict(labels), "ports": [dict(port)]}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kafka", "namespace": "platform"},
+         "spec": {"selector": dict(labels), "ports": [dict(port)]}},
+        {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "kafka", "namespace": "platform"},
+         "spec": {"serviceName": "kafka-headless", "replicas": 1, "selector": {"matchLabels": dict(labels)},
+                  "template": {"metadata": {"labels": dict(labels)}, "spec": {
+                      "enableServiceLinks": False,
+                      "containers": [{
+                          "name": "kafka", "image": "apache/kafka:4.1.1",
+                          "env": [{"name": k, "value": v} for k, v in BROKER_ENV.items()],
+                          "ports": [{"name": "kafka", "containerPort": 9092},
+                                    {"name": "controller", "containerPort": 9093}],
+                          "volumeMounts": [{"name": "data", "mountPath": "/var/lib/kafka/data"}],
+                      }]}},
+                  "volumeClaimTemplates": [{"metadata": {"name": "data"}}]}},
+    ]
+
+
+def set_env(container, name, value):
+    """Sets (or, with None, removes) a literal env entry."""
+    container["env"] = [e for e in container.get("env", []) if e.get("name") != name]
+    if value is not None:
+        container["env"].append({"name": name, "value": value})
+
+
+def good_processor():
+    """The processor Deployment and its PodDisruptionBudget, which rule_processor accepts."""
+    doc = good_deployment()
+    labels = {"app.kubernetes.io/name": "processor"}
+    doc["metadata"]["name"] = "processor"
+    doc["spec"]["replicas"] = 2
+    doc["spec"]["selector"]["matchLabels"] = dict(labels)
+    doc["spec"]["template"]["metadata"]["labels"] = dict(labels)
+    doc["spec"]["template"]["spec"]["containers"][0]["env"] += [
+        {"name": "KAFKA_GROUP", "value": "processor"},
+        {"name": "KAFKA_GROUP_INSTANCE_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
+    budget = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+              "metadata": {"name": "processor", "namespace": "platform"},
+              "spec": {"minAvailable": 1, "selector": {"matchLabels": dict(labels)}}}
+    return [doc, budget]
+
+
+def good_topic_init():
+    """The topic-init Job: `streamctl topics ensure` from the project's image."""
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "topic-init", "namespace": "platform"},
+        "spec": {"template": {"spec": {"restartPolicy": "OnFailure", "containers": [{
+            "name": "topics", "image": "stream-pipeline:dev",
+            "command": ["streamctl", "topics", "ensure", "--wait-secs", "120"],
+            "env": [{"name": "KAFKA_BROKERS", "value": "kafka:9092"},
+                    {"name": "KAFKA_TOPIC", "value": "events"},
+                    {"name": "KAFKA_DLQ_TOPIC", "value": "events.dlq"},
+                    {"name": "TOPIC_REPLICATION_FACTOR", "value": "1"}],
+        }]}}},
+    }
 
 
 class Manifests(unittest.TestCase):
@@ -577,7 +904,7 @@ class Manifests(unittest.TestCase):
         self.assertHolds(rule_security(DOCS))
 
     def test_statefulsets(self):
-        """Redpanda, Postgres, ClickHouse (every StatefulSet) keep their data on a PVC"""
+        """Kafka, Postgres, ClickHouse (every StatefulSet) keep their data on a PVC"""
         self.assertHolds(rule_statefulsets(DOCS))
 
     def test_images(self):
@@ -594,8 +921,20 @@ class Manifests(unittest.TestCase):
         self.assertHolds(rule_metrics(DOCS, IMAGE))
 
     def test_processor(self):
-        """the processor: 2 replicas in one group, FETCH_REWIND=0, a PodDisruptionBudget minAvailable 1"""
+        """the processor: 2 replicas in one group, static members by pod name, a PodDisruptionBudget minAvailable 1"""
         self.assertHolds(rule_processor(DOCS, IMAGE))
+
+    def test_broker(self):
+        """the broker: apache/kafka, one KRaft node, log dirs on its PVC, no auto-created topics, replication factor 1"""
+        self.assertHolds(rule_broker(DOCS))
+
+    def test_broker_addresses(self):
+        """every KAFKA_BROKERS is the Service kafka on its port; every binary that reads it gets it"""
+        self.assertHolds(rule_broker_addresses(DOCS, IMAGE))
+
+    def test_topic_init(self):
+        """topic-init creates (streamctl topics ensure) every topic the processor and loadgen use"""
+        self.assertHolds(rule_topic_init(DOCS, IMAGE))
 
     def test_observability(self):
         """rules, alertmanager.yml and dashboards are observability/'s files verbatim; datasource uid prometheus"""
@@ -683,7 +1022,7 @@ class NegativeSelfChecks(unittest.TestCase):
         doc["kind"] = "StatefulSet"
         doc["metadata"]["name"] = "postgres"
         self.assertEqual(["StatefulSet/postgres: no volumeClaimTemplates"], rule_statefulsets([doc], ["postgres"]))
-        self.assertEqual(1, len(rule_statefulsets([], ["redpanda"])))
+        self.assertEqual(1, len(rule_statefulsets([], ["kafka"])))
 
     def test_metrics_mismatch(self):
         """self-check: METRICS_ADDR on loopback or on another port than the scrape annotation is rejected"""
@@ -709,18 +1048,119 @@ class NegativeSelfChecks(unittest.TestCase):
         self.assertEqual(1, len(violations), violations)
         self.assertIn("readinessProbe is not GET /readyz on the metrics port", violations[0])
 
-    def test_processor_probes_use_health_and_readiness(self):
-        """self-check: a processor probing /metrics instead of /healthz and /readyz is rejected"""
-        def metrics_probes(pod):
-            container = pod["containers"][0]
-            container["env"].append({"name": "METRICS_ADDR", "value": "0.0.0.0:9464"})
-            container["ports"] = [{"name": "metrics", "containerPort": 9464}]
-            container["readinessProbe"] = {"httpGet": {"path": "/metrics", "port": "metrics"}}
-        docs = self.broken(metrics_probes)
-        docs[0]["spec"]["template"]["metadata"]["annotations"] = {"prometheus.io/scrape": "true", "prometheus.io/port": "9464"}
-        violations = rule_metrics(docs, "stream-pipeline:dev")
+    def test_good_broker_passes(self):
+        """self-check: the good one-node KRaft broker passes the broker rules"""
+        docs = good_broker() + good_processor() + [good_topic_init()]
+        self.assertEqual([], rule_broker(docs))
+        self.assertEqual([], rule_broker_addresses(docs, "stream-pipeline:dev", fake_settings))
+        self.assertEqual([], rule_topic_init(docs, "stream-pipeline:dev"))
+        self.assertEqual([], rule_processor(docs, "stream-pipeline:dev"))
+
+    def broker_with(self, change):
+        docs = good_broker()
+        change(docs[2], docs[2]["spec"]["template"]["spec"]["containers"][0])
+        return rule_broker(docs)
+
+    def test_broker_settings(self):
+        """self-check: auto-created topics, replication factors above 1, no KRaft roles/quorum/CLUSTER_ID are rejected"""
+        for name, value in (("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "true"),
+                            ("KAFKA_AUTO_CREATE_TOPICS_ENABLE", None),
+                            ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "3"),
+                            ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", None),
+                            ("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "3"),
+                            ("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "2"),
+                            ("KAFKA_PROCESS_ROLES", "broker"),
+                            ("KAFKA_CONTROLLER_QUORUM_VOTERS", None),
+                            ("KAFKA_CONTROLLER_QUORUM_VOTERS", "2@localhost:9093"),
+                            ("CLUSTER_ID", None),
+                            ("CLUSTER_ID", "my-cluster")):
+            violations = self.broker_with(lambda sts, c, n=name, v=value: set_env(c, n, v))
+            self.assertTrue(any(name in v for v in violations), (name, value, violations))
+
+    def test_broker_image_and_links(self):
+        """self-check: another image than apache/kafka, or service links on, is rejected"""
+        violations = self.broker_with(lambda sts, c: c.update(image="bitnami/kafka:3.9"))
+        self.assertTrue(any("apache/kafka" in v for v in violations), violations)
+        violations = self.broker_with(lambda sts, c: sts["spec"]["template"]["spec"].pop("enableServiceLinks"))
         self.assertEqual(1, len(violations), violations)
-        self.assertIn("readinessProbe is not GET /readyz on the metrics port", violations[0])
+        self.assertIn("enableServiceLinks", violations[0])
+
+    def test_broker_log_dirs_on_pvc(self):
+        """self-check: log dirs off the PVC, or no volumeClaimTemplates, are rejected"""
+        violations = self.broker_with(lambda sts, c: set_env(c, "KAFKA_LOG_DIRS", "/tmp/kraft-combined-logs"))
+        self.assertEqual(1, len(violations), violations)
+        self.assertIn("/tmp/kraft-combined-logs", violations[0])
+        violations = self.broker_with(lambda sts, c: sts["spec"].pop("volumeClaimTemplates"))
+        self.assertEqual(1, len(violations), violations)
+        violations = self.broker_with(lambda sts, c: set_env(c, "KAFKA_LOG_DIRS", "/var/lib/kafka/data-other"))
+        self.assertEqual(1, len(violations), violations)
+
+    def test_broker_advertised_and_services(self):
+        """self-check: advertising localhost, or no client Service, is rejected"""
+        violations = self.broker_with(
+            lambda sts, c: set_env(c, "KAFKA_ADVERTISED_LISTENERS", "PLAINTEXT://localhost:9092"))
+        self.assertEqual(1, len(violations), violations)
+        self.assertIn("advertises localhost:9092", violations[0])
+        violations = self.broker_with(lambda sts, c: sts["spec"].update(replicas=3))
+        self.assertEqual(1, len(violations), violations)
+        docs = [d for d in good_broker() if d["metadata"]["name"] != "kafka-headless"]
+        self.assertEqual(1, len(rule_broker(docs)), rule_broker(docs))
+        docs = [d for d in good_broker() if d["kind"] != "Service" or d["metadata"]["name"] != "kafka"]
+        self.assertEqual(1, len(rule_broker(docs)), rule_broker(docs))
+
+    def test_broker_addresses(self):
+        """self-check: KAFKA_BROKERS on another host or port, or missing where the binary reads it, is rejected"""
+        for value in ("kafka:9093", "broker.platform.svc.cluster.local:9092", "127.0.0.1:9092",
+                      "kafka.platform.svc.cluster.local:9092,localhost:9092"):
+            docs = good_broker() + self.broken(lambda pod, v=value: set_env(pod["containers"][0], "KAFKA_BROKERS", v))
+            self.assertEqual(1, len(rule_broker_addresses(docs, "stream-pipeline:dev", fake_settings)), value)
+        for value in ("kafka:9092", "kafka.platform:9092", "kafka.platform.svc.cluster.local:9092"):
+            docs = good_broker() + self.broken(lambda pod, v=value: set_env(pod["containers"][0], "KAFKA_BROKERS", v))
+            self.assertEqual([], rule_broker_addresses(docs, "stream-pipeline:dev", fake_settings), value)
+        docs = good_broker() + self.broken(lambda pod: set_env(pod["containers"][0], "KAFKA_BROKERS", None))
+        violations = rule_broker_addresses(docs, "stream-pipeline:dev", fake_settings)
+        self.assertEqual(1, len(violations), violations)
+        self.assertIn("127.0.0.1:9092", violations[0])
+
+    def test_topic_init(self):
+        """self-check: no topic-init, a topic it does not create, or a replication factor above the brokers is rejected"""
+        docs = good_broker() + good_processor()
+        self.assertEqual(1, len(rule_topic_init(docs, "stream-pipeline:dev")))
+        job = good_topic_init()
+        set_env(job["spec"]["template"]["spec"]["containers"][0], "KAFKA_DLQ_TOPIC", "dead-letters")
+        violations = rule_topic_init(docs + [job], "stream-pipeline:dev")
+        self.assertEqual(1, len(violations), violations)
+        self.assertIn("events.dlq", violations[0])
+        job = good_topic_init()
+        job["spec"]["template"]["spec"]["containers"][0]["command"] += ["--replication-factor", "3"]
+        self.assertEqual(1, len(rule_topic_init(docs + [job], "stream-pipeline:dev")))
+        job = good_topic_init()
+        job["spec"]["template"]["spec"]["containers"][0]["command"] = ["streamctl", "sqs", "setup"]
+        self.assertEqual(1, len(rule_topic_init(docs + [job], "stream-pipeline:dev")))
+
+    def test_processor_static_membership(self):
+        """self-check: a processor without the pod name as KAFKA_GROUP_INSTANCE_ID is rejected"""
+        def processor_with(value):
+            docs = good_processor()
+            container = docs[0]["spec"]["template"]["spec"]["containers"][0]
+            container["env"] = [e for e in container["env"] if e["name"] != "KAFKA_GROUP_INSTANCE_ID"]
+            if value is not None:
+                container["env"].append(dict(value, name="KAFKA_GROUP_INSTANCE_ID"))
+            return rule_processor(docs, "stream-pipeline:dev")
+        for value in (None, {"value": "processor-0"},
+                      {"valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}):
+            violations = processor_with(value)
+            self.assertEqual(1, len(violations), (value, violations))
+            self.assertIn("KAFKA_GROUP_INSTANCE_ID", violations[0])
+
+    def test_processor_session_timeout(self):
+        """self-check: a SESSION_TIMEOUT_MS outside 6000..300000 (Kafka's group min/max) is rejected"""
+        for value, expected in (("6000", 0), ("45000", 0), ("300000", 0),
+                                ("5999", 1), ("3000", 1), ("300001", 1), ("6s", 1), ("", 1)):
+            docs = good_processor()
+            set_env(docs[0]["spec"]["template"]["spec"]["containers"][0], "SESSION_TIMEOUT_MS", value)
+            violations = rule_processor(docs, "stream-pipeline:dev")
+            self.assertEqual(expected, len(violations), (value, violations))
 
     def test_dockerfile(self):
         """self-check: a Dockerfile that runs as root or lacks a binary is rejected"""
