@@ -13,8 +13,9 @@
 //! failures in a row the breaker opens and no write is tried until its period
 //! (growing, with jitter) is over. While it retries the sink takes no new
 //! messages, its mailbox fills and intake pauses all the way back to Kafka. A
-//! valid event is never dead-lettered because a store is down. A store that
-//! already holds the batch is not written again on the retry.
+//! valid event is never dead-lettered because a store is down. Both stores
+//! are written at once; a store that already holds the batch is not written
+//! again on the retry.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -88,7 +89,7 @@ impl SinkState {
             return Ok(());
         }
         let mut attempt = 0u32;
-        let mut postgres_done = false;
+        let mut done = Written::default();
         loop {
             let wait = self
                 .postgres_breaker
@@ -99,18 +100,19 @@ impl SinkState {
                 continue;
             }
             attempt += 1;
-            match self.try_write(&mut postgres_done).await {
-                Ok(()) => break,
-                Err((store, write_error)) => {
-                    warn!(%write_error, ?store, attempt, "sink write failed, retrying");
-                    match store {
-                        Store::Postgres => self.postgres_breaker.failed(),
-                        Store::ClickHouse => self.clickhouse_breaker.failed(),
-                    }
-                    // Closed breaker: a short pause before trying again.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let failures = self.try_write(&mut done).await;
+            if failures.is_empty() {
+                break;
+            }
+            for (store, write_error) in failures {
+                warn!(%write_error, ?store, attempt, "sink write failed, retrying");
+                match store {
+                    Store::Postgres => self.postgres_breaker.failed(),
+                    Store::ClickHouse => self.clickhouse_breaker.failed(),
                 }
             }
+            // Closed breaker: a short pause before trying again.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         if attempt > 1 {
             info!(
@@ -139,39 +141,87 @@ impl SinkState {
         Ok(())
     }
 
-    /// One attempt: PostgreSQL (unless it already holds the batch), then
-    /// ClickHouse.
-    async fn try_write(&mut self, postgres_done: &mut bool) -> Result<(), (Store, PipelineError)> {
-        if !*postgres_done {
-            if self.postgres.is_none() {
-                let config = &self.args.config;
-                let connected = PostgresEvents::connect(&config.postgres_url, config.dedup)
-                    .await
-                    .map_err(|error| (Store::Postgres, error))?;
-                self.postgres = Some(connected);
+    /// One attempt: both stores at once, each unless it already holds the
+    /// batch. Returns what failed (nothing: both hold it).
+    async fn try_write(&mut self, done: &mut Written) -> Vec<(Store, PipelineError)> {
+        let SinkState {
+            args,
+            postgres,
+            clickhouse,
+            buffer,
+            ..
+        } = self;
+        let postgres_write = async {
+            if done.postgres {
+                return None;
             }
-            let postgres = self.postgres.as_ref().expect("connected above");
+            if postgres.is_none() {
+                let config = &args.config;
+                match PostgresEvents::connect(&config.postgres_url, config.dedup).await {
+                    Ok(connected) => *postgres = Some(connected),
+                    Err(connect_error) => return Some(Err(connect_error)),
+                }
+            }
             let started = Instant::now();
-            if let Err(postgres_error) = postgres.write(&self.buffer).await {
-                metrics::counter!(names::SINK_RETRIES, "store" => "postgres").increment(1);
-                self.postgres = None;
-                return Err((Store::Postgres, postgres_error));
+            let written = postgres
+                .as_ref()
+                .expect("connected above")
+                .write(buffer)
+                .await;
+            Some(written.map(|_| started.elapsed()))
+        };
+        let clickhouse_write = async {
+            if done.clickhouse {
+                return None;
             }
-            metrics::histogram!(names::SINK_BATCH_SECONDS, "store" => "postgres")
-                .record(started.elapsed().as_secs_f64());
-            self.postgres_breaker.succeeded();
-            *postgres_done = true;
+            let started = Instant::now();
+            Some(clickhouse.write(buffer).await.map(|()| started.elapsed()))
+        };
+        let (postgres_outcome, clickhouse_outcome) = tokio::join!(postgres_write, clickhouse_write);
+        let mut failures = Vec::new();
+        for (store, outcome) in [
+            (Store::Postgres, postgres_outcome),
+            (Store::ClickHouse, clickhouse_outcome),
+        ] {
+            let label = match store {
+                Store::Postgres => "postgres",
+                Store::ClickHouse => "clickhouse",
+            };
+            match outcome {
+                None => {}
+                Some(Ok(took)) => {
+                    metrics::histogram!(names::SINK_BATCH_SECONDS, "store" => label)
+                        .record(took.as_secs_f64());
+                    match store {
+                        Store::Postgres => {
+                            self.postgres_breaker.succeeded();
+                            done.postgres = true;
+                        }
+                        Store::ClickHouse => {
+                            self.clickhouse_breaker.succeeded();
+                            done.clickhouse = true;
+                        }
+                    }
+                }
+                Some(Err(write_error)) => {
+                    metrics::counter!(names::SINK_RETRIES, "store" => label).increment(1);
+                    if let Store::Postgres = store {
+                        // Reconnect before the next attempt.
+                        self.postgres = None;
+                    }
+                    failures.push((store, write_error));
+                }
+            }
         }
-        let started = Instant::now();
-        if let Err(clickhouse_error) = self.clickhouse.write(&self.buffer).await {
-            metrics::counter!(names::SINK_RETRIES, "store" => "clickhouse").increment(1);
-            return Err((Store::ClickHouse, clickhouse_error));
-        }
-        metrics::histogram!(names::SINK_BATCH_SECONDS, "store" => "clickhouse")
-            .record(started.elapsed().as_secs_f64());
-        self.clickhouse_breaker.succeeded();
-        Ok(())
+        failures
     }
+}
+
+/// Which stores already hold the batch being written.
+#[derive(Debug, Default)]
+struct Written {
+    postgres: bool,
+    clickhouse: bool,
 }
 
 /// The sink actor.

@@ -22,7 +22,20 @@ async fn main() -> anyhow::Result<()> {
         .map(|text| text.parse())
         .transpose()?
         .unwrap_or(200_000);
-    let env = TestEnv::new("throughput", 6).await;
+    let mut env = TestEnv::new("throughput", 6).await;
+    // The processor's --batch-size and --linger-ms, from the same variables.
+    if let Some(batch_size) = std::env::var("BATCH_SIZE")
+        .ok()
+        .and_then(|text| text.parse().ok())
+    {
+        env.config.batch_size = batch_size;
+    }
+    if let Some(linger_ms) = std::env::var("LINGER_MS")
+        .ok()
+        .and_then(|text| text.parse().ok())
+    {
+        env.config.linger = Duration::from_millis(linger_ms);
+    }
     eprintln!(
         "throughput: loading {count} events into {}",
         env.config.topic
