@@ -17,7 +17,9 @@
 //! the writer reads the dead-letter topic back and remembers which source
 //! positions at or past the checkpoint it already holds, and skips those. The
 //! read-back sees every earlier delivery: a dead process delivers nothing more,
-//! and a restart within the process flushes the producer first.
+//! and a restart within the process flushes the producer first. What it
+//! delivers after a read-back it remembers (old records of a partition that
+//! Kafka took away and gave back arrive after the new read-back).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -110,9 +112,39 @@ pub enum DlqWriterMsg {
 pub struct DlqWriterState {
     args: DlqWriterArgs,
     /// Source positions (partition, offset) at or past the checkpoint that the
-    /// dead-letter topic already held when their partition was assigned: the
-    /// replay of a crash's unacknowledged tail skips them.
+    /// dead-letter topic already holds: read back when their partition was
+    /// assigned, plus what this writer delivered since. Kafka can take a
+    /// partition away and give it back to the same member (its session
+    /// timed out while the broker was away, or a revoke's deadline dropped
+    /// its work in flight): the old records still in the mailboxes reach
+    /// this writer after the new assignment's read-back, and the replay from
+    /// the checkpoint brings the same positions again.
     already_written: HashSet<(i32, i64)>,
+}
+
+/// Written positions further than this below the newest one of their
+/// partition are forgotten once the set is large: the consumer never goes
+/// back further than the checkpoint, which trails the newest record by the
+/// records in flight (tens of thousands at most, bounded by the mailboxes).
+const FORGET_BELOW: i64 = 1_000_000;
+/// The set's size above which old positions are forgotten.
+const PRUNE_ABOVE: usize = 100_000;
+
+/// Remembers delivered positions, forgetting far-behind ones when the set is large.
+fn remember(written: &mut HashSet<(i32, i64)>, delivered: &[crate::models::SourcePosition]) {
+    written.extend(
+        delivered
+            .iter()
+            .map(|position| (position.partition, position.offset)),
+    );
+    if written.len() > PRUNE_ABOVE {
+        let mut newest: HashMap<i32, i64> = HashMap::new();
+        for (partition, offset) in written.iter() {
+            let entry = newest.entry(*partition).or_insert(*offset);
+            *entry = (*entry).max(*offset);
+        }
+        written.retain(|(partition, offset)| *offset + FORGET_BELOW >= newest[partition]);
+    }
 }
 
 /// Reads the dead-letter topic and returns the source positions of `topic`
@@ -284,6 +316,8 @@ impl Actor for DlqWriterActor {
                         "dead letters already in the topic, not written again"
                     );
                 }
+                let delivered: Vec<_> =
+                    remaining.iter().map(|record| record.raw.position).collect();
                 let mut backoff = FIRST_BACKOFF;
                 loop {
                     remaining = state.produce(remaining).await;
@@ -293,6 +327,9 @@ impl Actor for DlqWriterActor {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
+                if state.args.dedup {
+                    remember(&mut state.already_written, &delivered);
+                }
                 state.args.committer.cast(CommitterMsg::Ack {
                     source: AckSource::DeadLetter,
                     positions,
@@ -301,5 +338,30 @@ impl Actor for DlqWriterActor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::SourcePosition;
+
+    #[test]
+    fn delivered_positions_are_remembered_and_only_far_behind_ones_forgotten() {
+        let mut written = HashSet::new();
+        let at = |partition, offset| SourcePosition { partition, offset };
+        remember(&mut written, &[at(0, 5), at(1, 7)]);
+        assert!(written.contains(&(0, 5)) && written.contains(&(1, 7)));
+        // Fill past the pruning size: partition 0 moves far ahead.
+        let far: Vec<_> = (0..PRUNE_ABOVE as i64)
+            .map(|index| at(0, FORGET_BELOW + 10 + index))
+            .collect();
+        remember(&mut written, &far);
+        assert!(
+            !written.contains(&(0, 5)),
+            "far behind its partition's newest"
+        );
+        assert!(written.contains(&(1, 7)), "newest of its own partition");
+        assert!(written.contains(&(0, FORGET_BELOW + 10)));
     }
 }

@@ -37,6 +37,11 @@ pub enum PipelineError {
     /// A downstream actor has stopped.
     #[error(transparent)]
     Mailbox(#[from] MailboxError),
+    /// The Kafka client hit a fatal error and cannot be used again (a static
+    /// member fenced by another incarnation, say): the next generation joins
+    /// the group with a fresh client.
+    #[error("kafka client unusable after a fatal error ({0}); joining again with a fresh client")]
+    KafkaFatal(String),
     /// A restart could not put the consumer back at the checkpoint.
     #[error("rewind to the checkpoint: {0}")]
     Rewind(String),

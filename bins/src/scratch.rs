@@ -225,23 +225,51 @@ impl TestEnv {
         .expect("loadgen run")
     }
 
+    /// Starts loadgen's producers in the background at `rate` events/s (0:
+    /// as fast as they go); the task's output is the ledger.
+    pub fn produce_in_background(
+        &self,
+        count: u64,
+        rate: u64,
+        poison_rate: f64,
+        seed: u64,
+    ) -> tokio::task::JoinHandle<loadgen::Ledger> {
+        let config = loadgen::LoadgenConfig {
+            brokers: self.config.brokers.clone(),
+            topic: self.config.topic.clone(),
+            count,
+            rate,
+            poison_rate,
+            seed,
+            producers: 2,
+            progress: false,
+        };
+        tokio::spawn(async move { loadgen::run(&config).await.expect("loadgen run") })
+    }
+
     /// Waits until the persisted checkpoint reaches the end of every partition.
     pub async fn wait_for_catch_up(&self, deadline: Duration) {
         let connections = self.connections();
         wait_until("checkpoint to reach the end offsets", deadline, || {
             let connections = connections.clone();
+            // A service that does not answer (a broker restarting, say) is
+            // "not yet"; the deadline bounds the wait.
             async move {
-                let ends =
+                let Ok(ends) =
                     crate::inspect::end_offsets_async(&connections.brokers, &connections.topic)
                         .await
-                        .unwrap();
-                let checkpoint = crate::inspect::checkpoint_offsets(
+                else {
+                    return false;
+                };
+                let Ok(checkpoint) = crate::inspect::checkpoint_offsets(
                     &connections.postgres_url,
                     &connections.group,
                     &connections.topic,
                 )
                 .await
-                .unwrap();
+                else {
+                    return false;
+                };
                 crate::report::lag(&ends, &checkpoint) == 0
             }
         })

@@ -3,6 +3,7 @@
 //! with `--recreate`). The same command sets up the local broker
 //! (`scripts/services.sh`), the demo and the cluster's topic-init job.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -71,23 +72,25 @@ fn partition_counts(
         .collect())
 }
 
-/// Polls the metadata until `done` holds for the counts (or the deadline).
-fn wait_for_metadata(
-    metadata_client: &BaseConsumer,
+/// Polls the metadata (each request on a blocking thread) until `done`
+/// holds for the counts, or fails at the deadline naming `what` it waited for.
+async fn wait_for_metadata(
+    metadata_client: &Arc<BaseConsumer>,
     topics: &[TopicSpec],
     deadline: Instant,
     what: &str,
     done: impl Fn(&[Option<i32>]) -> bool,
 ) -> anyhow::Result<Vec<Option<i32>>> {
     loop {
-        let last = partition_counts(metadata_client, topics);
+        let (client, specs) = (metadata_client.clone(), topics.to_vec());
+        let last = tokio::task::spawn_blocking(move || partition_counts(&client, &specs)).await?;
         match &last {
             Ok(counts) if done(counts) => return last,
             _ if Instant::now() >= deadline => {
                 let seen = last.map(|counts| format!("{counts:?}"));
                 bail!("timed out waiting for {what} (last seen: {seen:?})");
             }
-            _ => std::thread::sleep(POLL_EVERY),
+            _ => tokio::time::sleep(POLL_EVERY).await,
         }
     }
 }
@@ -109,15 +112,10 @@ pub async fn ensure(
         .set("bootstrap.servers", brokers)
         .create()
         .with_context(|| format!("cannot create a Kafka client for {brokers}"))?;
-    let metadata_client = std::sync::Arc::new(metadata_client);
-    let counts = {
-        let (client, specs) = (metadata_client.clone(), topics.to_vec());
-        tokio::task::spawn_blocking(move || {
-            wait_for_metadata(&client, &specs, deadline, "the broker", |_| true)
-        })
-        .await?
-        .with_context(|| format!("cannot reach the Kafka broker at {brokers}"))?
-    };
+    let metadata_client = Arc::new(metadata_client);
+    let counts = wait_for_metadata(&metadata_client, topics, deadline, "the broker", |_| true)
+        .await
+        .with_context(|| format!("cannot reach the Kafka broker at {brokers}"))?;
     let options = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
     if recreate {
         let existing: Vec<&str> = topics
@@ -133,17 +131,14 @@ pub async fn ensure(
                     Err((topic, code)) => bail!("cannot delete topic {topic}: {code}"),
                 }
             }
-            let (client, specs) = (metadata_client.clone(), topics.to_vec());
-            tokio::task::spawn_blocking(move || {
-                wait_for_metadata(
-                    &client,
-                    &specs,
-                    deadline,
-                    "the topics' deletion",
-                    |counts| counts.iter().all(Option::is_none),
-                )
-            })
-            .await??;
+            wait_for_metadata(
+                &metadata_client,
+                topics,
+                deadline,
+                "the topics' deletion",
+                |counts| counts.iter().all(Option::is_none),
+            )
+            .await?;
         }
     }
     let mut outcomes = Vec::new();
@@ -190,43 +185,74 @@ pub async fn ensure(
             Outcome::Created | Outcome::Recreated => Some(spec.partitions),
         })
         .collect();
-    let (client, specs) = (metadata_client.clone(), topics.to_vec());
-    tokio::task::spawn_blocking(move || {
-        wait_for_metadata(
-            &client,
-            &specs,
-            deadline,
-            "every partition to have a leader",
-            |counts| counts == expected.as_slice(),
-        )
-    })
-    .await??;
+    wait_for_metadata(
+        &metadata_client,
+        topics,
+        deadline,
+        "every partition to have a leader",
+        |counts| counts == expected.as_slice(),
+    )
+    .await?;
     Ok(outcomes)
+}
+
+/// "1 partition", "6 partitions".
+fn partitions_text(count: i32) -> String {
+    if count == 1 {
+        "1 partition".to_string()
+    } else {
+        format!("{count} partitions")
+    }
 }
 
 /// One line per topic, for the command's output.
 pub fn render(outcomes: &[(TopicSpec, Outcome)]) -> String {
     outcomes
         .iter()
-        .map(|(spec, outcome)| match outcome {
-            Outcome::Existed(partitions) if *partitions == spec.partitions => {
-                format!("topic {}: exists ({partitions} partitions)", spec.name)
+        .map(|(spec, outcome)| {
+            let name = &spec.name;
+            let asked = partitions_text(spec.partitions);
+            match outcome {
+                Outcome::Existed(found) if *found == spec.partitions => {
+                    format!("topic {name}: exists ({asked})")
+                }
+                Outcome::Existed(found) => format!(
+                    "topic {name}: exists with {} (asked for {}; left as it is)",
+                    partitions_text(*found),
+                    spec.partitions
+                ),
+                Outcome::Created => format!("topic {name}: created ({asked})"),
+                Outcome::Recreated => format!("topic {name}: deleted and created again ({asked})"),
             }
-            Outcome::Existed(partitions) => format!(
-                "topic {}: exists with {partitions} partitions (asked for {}; left as it is)",
-                spec.name, spec.partitions
-            ),
-            Outcome::Created => {
-                format!(
-                    "topic {}: created ({} partitions)",
-                    spec.name, spec.partitions
-                )
-            }
-            Outcome::Recreated => format!(
-                "topic {}: deleted and created again ({} partitions)",
-                spec.name, spec.partitions
-            ),
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_topic_gets_one_line_that_says_what_happened() {
+        let spec = |name: &str, partitions| TopicSpec {
+            name: name.to_string(),
+            partitions,
+        };
+        let text = render(&[
+            (spec("events", 6), Outcome::Existed(6)),
+            (spec("events.dlq", 6), Outcome::Existed(3)),
+            (spec("a", 2), Outcome::Created),
+            (spec("b", 1), Outcome::Recreated),
+        ]);
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                "topic events: exists (6 partitions)",
+                "topic events.dlq: exists with 3 partitions (asked for 6; left as it is)",
+                "topic a: created (2 partitions)",
+                "topic b: deleted and created again (1 partition)",
+            ]
+        );
+    }
 }

@@ -60,21 +60,7 @@ async fn the_kafka_broker_sigkilled_twice_mid_run_loses_and_duplicates_nothing()
     let mut processor =
         ProcessorProcess::start(&env, &[("KAFKA_GROUP_INSTANCE_ID", "brokerkill-0")]);
     processor.wait_ready(Duration::from_secs(60));
-    let producer_env = env.config.clone();
-    let production = tokio::spawn(async move {
-        loadgen::run(&loadgen::LoadgenConfig {
-            brokers: producer_env.brokers.clone(),
-            topic: producer_env.topic.clone(),
-            count: EVENTS,
-            rate: 4_000,
-            poison_rate: 0.01,
-            seed: 404,
-            producers: 2,
-            progress: false,
-        })
-        .await
-        .expect("loadgen")
-    });
+    let production = env.produce_in_background(EVENTS, 4_000, 0.01, 404);
     for (kill, target) in [15_000, 45_000].into_iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(240);
         while stored(&env).await < target {
@@ -157,5 +143,39 @@ async fn added_round_trip_time_slows_but_does_not_break_anything() {
             .expect("rtt");
     }
     let pipeline = start_pipeline(env.config.clone()).await.expect("pipeline");
+    finish(&env, pipeline, &ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_static_member_joins_again_with_a_fresh_client_and_loses_nothing() {
+    // Kafka fences a static member when another incarnation with its
+    // group.instance.id took its place (seen on the real broker after a
+    // restart: the session expired, the member rejoined, and the old
+    // generation's commit was refused). librdkafka makes that a fatal error:
+    // the client is unusable, and only a fresh one gets back in.
+    let (mock, env) = mock_env("mockfenced").await;
+    let ledger = env.produce(10_000, 0.02, 44).await;
+    let mut config = env.config.clone();
+    config.group_instance_id = Some("fenced-0".to_string());
+    let pipeline = start_pipeline(config).await.expect("pipeline");
+    wait_until("some rows stored", Duration::from_secs(120), || async {
+        stored(&env).await > 1_000
+    })
+    .await;
+    mock.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID],
+    );
+    wait_until(
+        "the consumer restarted with a fresh client",
+        Duration::from_secs(60),
+        || async {
+            pipeline
+                .status()
+                .await
+                .is_ok_and(|status| status.restarts["consumer"] >= 1 && status.ready)
+        },
+    )
+    .await;
     finish(&env, pipeline, &ledger).await;
 }

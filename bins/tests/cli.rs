@@ -176,3 +176,93 @@ fn streamctl_report_names_an_unreachable_service() {
     assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn streamctl_topics_ensure_creates_leaves_alone_and_recreates_through_the_admin_api() {
+    let name = format!(
+        "topics_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            % 100_000_000
+    );
+    let (topic, dlq_topic) = (format!("{name}_events"), format!("{name}_dlq"));
+    let ensure = |extra: &[&str]| {
+        let mut arguments = vec![
+            "topics",
+            "ensure",
+            "--brokers",
+            "127.0.0.1:9092",
+            "--topic",
+            &topic,
+            "--dlq-topic",
+            &dlq_topic,
+            "--partitions",
+            "3",
+            "--dlq-partitions",
+            "2",
+        ];
+        arguments.extend_from_slice(extra);
+        let output = run_with_deadline(STREAMCTL, &arguments, Duration::from_secs(90));
+        assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert_eq!(
+        ensure(&[]),
+        format!(
+            "topic {topic}: created (3 partitions)\ntopic {dlq_topic}: created (2 partitions)\n"
+        )
+    );
+    let brokers = "127.0.0.1:9092";
+    assert_eq!(
+        stream_bins::inspect::partitions(brokers, &topic).unwrap(),
+        [0, 1, 2]
+    );
+    assert_eq!(
+        ensure(&[]),
+        format!("topic {topic}: exists (3 partitions)\ntopic {dlq_topic}: exists (2 partitions)\n")
+    );
+    // A record in the topic, then --recreate: the topic is empty again.
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    producer
+        .send(rdkafka::producer::BaseRecord::<(), str>::to(&topic).payload("x"))
+        .unwrap();
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
+    let records = |topic: &str| {
+        stream_bins::inspect::end_offsets(brokers, topic)
+            .unwrap()
+            .values()
+            .sum::<i64>()
+    };
+    assert_eq!(records(&topic), 1);
+    assert_eq!(
+        ensure(&["--recreate"]),
+        format!(
+            "topic {topic}: deleted and created again (3 partitions)\ntopic {dlq_topic}: deleted and created again (2 partitions)\n"
+        )
+    );
+    assert_eq!(records(&topic), 0);
+    // Bad values: exit 2, one line naming the setting.
+    for (arguments, setting) in [
+        (
+            vec!["topics", "ensure", "--partitions", "0"],
+            "--partitions",
+        ),
+        (vec!["topics", "ensure", "--topic", "no spaces"], "--topic"),
+        (
+            vec!["topics", "ensure", "--replication-factor", "0"],
+            "--replication-factor",
+        ),
+    ] {
+        let output = run_with_deadline(STREAMCTL, &arguments, Duration::from_secs(20));
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(2), "{arguments:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(setting), "{arguments:?}: {stderr}");
+    }
+}

@@ -49,21 +49,7 @@ async fn five_sigkills_during_a_200k_run_lose_nothing_and_store_nothing_twice() 
     const EVENTS: u64 = 200_000;
     let env = TestEnv::new("sigkill", 6).await;
     // The run: loadgen at a steady rate while the processor is killed.
-    let producer_env = env.config.clone();
-    let production = tokio::spawn(async move {
-        loadgen::run(&loadgen::LoadgenConfig {
-            brokers: producer_env.brokers.clone(),
-            topic: producer_env.topic.clone(),
-            count: EVENTS,
-            rate: 12_000,
-            poison_rate: 0.005,
-            seed: 5,
-            producers: 2,
-            progress: false,
-        })
-        .await
-        .expect("loadgen")
-    });
+    let production = env.produce_in_background(EVENTS, 12_000, 0.005, 5);
     // Random moments: five kill points spread over the run, by rows stored.
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
     let mut targets: Vec<i64> = (0..5)
@@ -264,21 +250,7 @@ async fn two_processors_share_the_work_and_one_killed_hands_over_without_loss() 
     let mut second = ProcessorProcess::start(&env, &[]);
     first.wait_ready(Duration::from_secs(60));
     second.wait_ready(Duration::from_secs(60));
-    let producer_env = env.config.clone();
-    let production = tokio::spawn(async move {
-        loadgen::run(&loadgen::LoadgenConfig {
-            brokers: producer_env.brokers.clone(),
-            topic: producer_env.topic.clone(),
-            count: 100_000,
-            rate: 10_000,
-            poison_rate: 0.01,
-            seed: 77,
-            producers: 2,
-            progress: false,
-        })
-        .await
-        .expect("loadgen")
-    });
+    let production = env.produce_in_background(100_000, 10_000, 0.01, 77);
     // Both members work: each has consumed something before one dies.
     wait_until(
         "both processors consuming",
@@ -311,21 +283,7 @@ async fn a_group_of_three_with_rolling_sigkills_while_loadgen_runs_loses_nothing
     for member in &mut members {
         member.wait_ready(Duration::from_secs(60));
     }
-    let producer_env = env.config.clone();
-    let production = tokio::spawn(async move {
-        loadgen::run(&loadgen::LoadgenConfig {
-            brokers: producer_env.brokers.clone(),
-            topic: producer_env.topic.clone(),
-            count: EVENTS,
-            rate: 6_000,
-            poison_rate: 0.01,
-            seed: 303,
-            producers: 2,
-            progress: false,
-        })
-        .await
-        .expect("loadgen")
-    });
+    let production = env.produce_in_background(EVENTS, 6_000, 0.01, 303);
     // Two rounds: each member SIGKILLed once per round and restarted at
     // once with its own group.instance.id, at points spread over the run.
     let kills = 2 * ids.len();
@@ -365,21 +323,7 @@ async fn clickhouse_stopped_for_20s_pauses_intake_and_everything_arrives_afterwa
     let env = TestEnv::new("dbdown", 3).await;
     let mut processor = ProcessorProcess::start(&env, &[]);
     processor.wait_ready(Duration::from_secs(60));
-    let producer_env = env.config.clone();
-    let production = tokio::spawn(async move {
-        loadgen::run(&loadgen::LoadgenConfig {
-            brokers: producer_env.brokers.clone(),
-            topic: producer_env.topic.clone(),
-            count: 60_000,
-            rate: 2_000,
-            poison_rate: 0.01,
-            seed: 9,
-            producers: 1,
-            progress: false,
-        })
-        .await
-        .expect("loadgen")
-    });
+    let production = env.produce_in_background(60_000, 2_000, 0.01, 9);
     wait_until("some rows stored", Duration::from_secs(60), || async {
         stored(&env).await > 5_000
     })

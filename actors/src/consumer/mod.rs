@@ -136,7 +136,8 @@ impl Actor for ConsumerActor {
                 let consumer = state.args.consumer.clone();
                 let batch_size = state.args.batch_size;
                 let records =
-                    tokio::task::spawn_blocking(move || poll_batch(&consumer, batch_size)).await?;
+                    tokio::task::spawn_blocking(move || poll_batch(&consumer, batch_size))
+                        .await??;
                 for notice in state.args.consumer.context().take_notices() {
                     match notice {
                         // Before any record of these partitions goes out.
@@ -197,8 +198,15 @@ fn drop_revoked(records: &mut Vec<RawRecord>, revoked: &HashSet<i32>) {
 
 /// Reads up to `batch_size` records: waits up to [`POLL_WAIT`] for the first,
 /// then takes what is already fetched without waiting. Rebalance callbacks
-/// run inside these polls.
-fn poll_batch(consumer: &BaseConsumer<CheckpointingContext>, batch_size: usize) -> Vec<RawRecord> {
+/// run inside these polls. Fails when the client hit a fatal error, which
+/// leaves it unusable: with static membership Kafka fences a member whose
+/// session expired while another incarnation with its `group.instance.id`
+/// joined (seen after a broker restart); the next generation takes a fresh
+/// client, which joins under the same id.
+fn poll_batch(
+    consumer: &BaseConsumer<CheckpointingContext>,
+    batch_size: usize,
+) -> Result<Vec<RawRecord>, PipelineError> {
     let context = consumer.context();
     let _polling = context.poll_lock.lock();
     let mut records = Vec::new();
@@ -220,14 +228,19 @@ fn poll_batch(consumer: &BaseConsumer<CheckpointingContext>, batch_size: usize) 
             }),
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(poll_error)) => {
-                // Broker and transport errors are retried by librdkafka; report and carry on.
+                // Broker and transport errors are retried by librdkafka;
+                // report and carry on, unless the client is done for.
                 warn!(%poll_error, "consumer poll error");
                 break;
             }
         }
         wait = Duration::ZERO;
     }
-    records
+    if let Some((code, reason)) = consumer.client().fatal_error() {
+        context.request_rejoin();
+        return Err(PipelineError::KafkaFatal(format!("{code:?}: {reason}")));
+    }
+    Ok(records)
 }
 
 #[cfg(test)]
