@@ -115,13 +115,13 @@ impl PartitionProgress {
     /// tracked, and the committer fails (the pipeline restarts from the
     /// checkpoint, which is always safe).
     fn track(&mut self, offset: i64) -> Result<(), i64> {
-        if let Some((last, _)) = self.pending.back() {
-            if offset <= *last {
-                return Err(*last);
-            }
-        }
-        if self.committable.is_some_and(|next| offset < next) {
-            return Err(self.committable.unwrap_or_default() - 1);
+        let last = self
+            .pending
+            .back()
+            .map(|(tracked, _)| *tracked)
+            .or(self.committable.map(|next| next - 1));
+        if let Some(last) = last.filter(|last| offset <= *last) {
+            return Err(last);
         }
         self.pending.push_back((offset, false));
         Ok(())

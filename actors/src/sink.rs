@@ -82,6 +82,16 @@ enum Store {
     ClickHouse,
 }
 
+impl Store {
+    /// The `store` label of the sink's metrics.
+    fn label(self) -> &'static str {
+        match self {
+            Store::Postgres => "postgres",
+            Store::ClickHouse => "clickhouse",
+        }
+    }
+}
+
 impl SinkState {
     /// Writes the buffer to both stores, retrying until it succeeds, then acks.
     async fn write_buffer(&mut self) -> Result<(), ActorProcessingErr> {
@@ -183,10 +193,7 @@ impl SinkState {
             (Store::Postgres, postgres_outcome),
             (Store::ClickHouse, clickhouse_outcome),
         ] {
-            let label = match store {
-                Store::Postgres => "postgres",
-                Store::ClickHouse => "clickhouse",
-            };
+            let label = store.label();
             match outcome {
                 None => {}
                 Some(Ok(took)) => {

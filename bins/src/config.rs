@@ -349,7 +349,7 @@ pub struct ProcessorConfig {
 }
 
 /// Checks that a number lies in `range`; the error names the setting.
-fn in_range<T: PartialOrd + std::fmt::Display>(
+pub(crate) fn in_range<T: PartialOrd + std::fmt::Display>(
     value: T,
     range: std::ops::RangeInclusive<T>,
     flag: &'static str,
@@ -365,7 +365,11 @@ fn in_range<T: PartialOrd + std::fmt::Display>(
     ))
 }
 
-fn invalid(flag: &'static str, env: &'static str, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(
+    flag: &'static str,
+    env: &'static str,
+    reason: impl Into<String>,
+) -> ConfigError {
     ConfigError {
         flag,
         env,

@@ -8,9 +8,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::ConnectionArgs;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use stream_actors::PipelineConfig;
 
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
@@ -51,34 +48,24 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
-/// Creates a topic and waits until its metadata shows every partition.
-pub async fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
+/// Creates topics (name, partitions) with `streamctl topics ensure`'s
+/// code, which waits until every partition has a leader.
+pub async fn create_topics(topics: &[(&str, i32)]) {
+    let specs: Vec<crate::topics::TopicSpec> = topics
+        .iter()
+        .map(|(name, partitions)| crate::topics::TopicSpec {
+            name: name.to_string(),
+            partitions: *partitions,
+        })
+        .collect();
+    crate::topics::ensure(&brokers(), &specs, 1, false, Duration::from_secs(30))
         .await
-        .expect("create topics request");
-    for result in results {
-        result.unwrap_or_else(|(topic, code)| panic!("create topic {topic}: {code:?}"));
-    }
-    let brokers = brokers();
-    let topic = name.to_string();
-    wait_until("topic metadata", Duration::from_secs(30), || {
-        let brokers = brokers.clone();
-        let topic = topic.clone();
-        async move {
-            crate::inspect::partitions(&brokers, &topic)
-                .map(|found| found.len() == partitions as usize)
-                .unwrap_or(false)
-        }
-    })
-    .await;
+        .unwrap_or_else(|error| panic!("create topics {topics:?}: {error:#}"));
+}
+
+/// Creates a topic and waits until every partition has a leader.
+pub async fn create_topic(name: &str, partitions: i32) {
+    create_topics(&[(name, partitions)]).await;
 }
 
 /// Sends the pipeline's `tracing` output through the test harness, so a
@@ -140,8 +127,7 @@ impl TestEnv {
         let name = unique_name(prefix);
         let topic = format!("{name}_events");
         let dlq_topic = format!("{name}_events_dlq");
-        create_topic(&topic, partitions).await;
-        create_topic(&dlq_topic, 3).await;
+        create_topics(&[(&topic, partitions), (&dlq_topic, 3)]).await;
         TestEnv::with_topics(name, &brokers(), topic, dlq_topic).await
     }
 

@@ -13,6 +13,93 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::config::{in_range, invalid, valid_kafka_name, validate_brokers, ConfigError};
+
+/// `streamctl topics ensure`'s settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EnsureArgs {
+    /// Kafka bootstrap servers, host:port[,host:port].
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Source topic.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "events")]
+    pub topic: String,
+    /// Dead-letter topic.
+    #[arg(long, env = "KAFKA_DLQ_TOPIC", default_value = "events.dlq")]
+    pub dlq_topic: String,
+    /// Partitions of the source topic (1..=10000).
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
+    pub partitions: i32,
+    /// Partitions of the dead-letter topic (1..=10000).
+    #[arg(long, env = "DLQ_TOPIC_PARTITIONS", default_value_t = 6)]
+    pub dlq_partitions: i32,
+    /// Replication factor of topics it creates (1..=16; no more than the
+    /// brokers in the cluster).
+    #[arg(long, env = "TOPIC_REPLICATION_FACTOR", default_value_t = 1)]
+    pub replication_factor: i32,
+    /// Delete both topics first, with every record in them (a clean demo run).
+    #[arg(long)]
+    pub recreate: bool,
+    /// Seconds to wait for the broker to answer and the partitions to get leaders.
+    #[arg(long, default_value_t = 60)]
+    pub wait_secs: u64,
+}
+
+impl EnsureArgs {
+    /// Checks every value; the topics to ensure.
+    pub fn validate(&self) -> Result<Vec<TopicSpec>, ConfigError> {
+        validate_brokers(&self.brokers)
+            .map_err(|reason| invalid("--brokers", "KAFKA_BROKERS", reason))?;
+        for (name, flag, env) in [
+            (&self.topic, "--topic", "KAFKA_TOPIC"),
+            (&self.dlq_topic, "--dlq-topic", "KAFKA_DLQ_TOPIC"),
+        ] {
+            if !valid_kafka_name(name) {
+                return Err(invalid(
+                    flag,
+                    env,
+                    format!("{name:?} is not a Kafka topic name (1..=249 of a-z A-Z 0-9 . _ -)"),
+                ));
+            }
+        }
+        if self.topic == self.dlq_topic {
+            return Err(invalid(
+                "--dlq-topic",
+                "KAFKA_DLQ_TOPIC",
+                format!("must differ from --topic ({})", self.topic),
+            ));
+        }
+        in_range(
+            self.partitions,
+            1..=10_000,
+            "--partitions",
+            "TOPIC_PARTITIONS",
+        )?;
+        in_range(
+            self.dlq_partitions,
+            1..=10_000,
+            "--dlq-partitions",
+            "DLQ_TOPIC_PARTITIONS",
+        )?;
+        in_range(
+            self.replication_factor,
+            1..=16,
+            "--replication-factor",
+            "TOPIC_REPLICATION_FACTOR",
+        )?;
+        Ok(vec![
+            TopicSpec {
+                name: self.topic.clone(),
+                partitions: self.partitions,
+            },
+            TopicSpec {
+                name: self.dlq_topic.clone(),
+                partitions: self.dlq_partitions,
+            },
+        ])
+    }
+}
+
 /// A topic the pipeline needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicSpec {

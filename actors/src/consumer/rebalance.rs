@@ -125,6 +125,9 @@ pub struct CheckpointingContext {
     /// Partitions revoked since the poll loop last looked: records of them
     /// in the batch being collected are dropped.
     revoked: Mutex<HashSet<i32>>,
+    /// Whether `revoked` holds anything: the poll loop looks after every
+    /// record, so that look is one atomic load, not a lock.
+    any_revoked: AtomicBool,
     /// The committer, asked to settle revoked partitions before they go.
     committer: Mutex<Option<ActorRef<CommitterMsg>>>,
     /// Held while polling and while rewinding, so that a poll of a killed
@@ -149,6 +152,7 @@ impl CheckpointingContext {
             runtime,
             notices: Mutex::new(Vec::new()),
             revoked: Mutex::new(HashSet::new()),
+            any_revoked: AtomicBool::new(false),
             committer: Mutex::new(None),
             poll_lock: Mutex::new(()),
             rejoin: AtomicBool::new(false),
@@ -173,6 +177,9 @@ impl CheckpointingContext {
 
     /// Takes the partitions revoked since the last call.
     pub fn take_revoked(&self) -> HashSet<i32> {
+        if !self.any_revoked.swap(false, Ordering::AcqRel) {
+            return HashSet::new();
+        }
         std::mem::take(&mut *self.revoked.lock())
     }
 
@@ -288,6 +295,7 @@ impl CheckpointingContext {
             lost, "partitions revoked; settling work in flight"
         );
         self.revoked.lock().extend(revoked.iter().copied());
+        self.any_revoked.store(true, Ordering::Release);
         self.settle_revoked(&revoked);
         self.push_notice(RebalanceNotice::Revoked(revoked));
         let unassign_result = match base_consumer.rebalance_protocol() {

@@ -112,33 +112,7 @@ enum TopicsCommand {
     /// Create the source and dead-letter topics through the Kafka admin API
     /// if they are missing (a topic that exists is left as it is). Waits for
     /// the broker to answer and for every partition to have a leader.
-    Ensure {
-        /// Kafka bootstrap servers, host:port[,host:port].
-        #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-        brokers: String,
-        /// Source topic.
-        #[arg(long, env = "KAFKA_TOPIC", default_value = "events")]
-        topic: String,
-        /// Dead-letter topic.
-        #[arg(long, env = "KAFKA_DLQ_TOPIC", default_value = "events.dlq")]
-        dlq_topic: String,
-        /// Partitions of the source topic (1..=10000).
-        #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
-        partitions: i32,
-        /// Partitions of the dead-letter topic (1..=10000).
-        #[arg(long, env = "DLQ_TOPIC_PARTITIONS", default_value_t = 6)]
-        dlq_partitions: i32,
-        /// Replication factor of topics it creates (1..=16; no more than
-        /// the brokers in the cluster).
-        #[arg(long, env = "TOPIC_REPLICATION_FACTOR", default_value_t = 1)]
-        replication_factor: i32,
-        /// Delete both topics first, with every record in them (a clean demo run).
-        #[arg(long)]
-        recreate: bool,
-        /// Seconds to wait for the broker to answer and the partitions to get leaders.
-        #[arg(long, default_value_t = 60)]
-        wait_secs: u64,
-    },
+    Ensure(stream_bins::topics::EnsureArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -455,76 +429,16 @@ async fn sqs(command: SqsCommand) -> anyhow::Result<i32> {
 }
 
 async fn topics(command: TopicsCommand) -> anyhow::Result<i32> {
-    use stream_bins::config::{valid_kafka_name, validate_brokers};
-    use stream_bins::topics::{ensure, render, TopicSpec};
-    let TopicsCommand::Ensure {
-        brokers,
-        topic,
-        dlq_topic,
-        partitions,
-        dlq_partitions,
-        replication_factor,
-        recreate,
-        wait_secs,
-    } = command;
-    let bad = |flag: &'static str, env: &'static str, reason: String| {
-        config_or_exit::<()>(Err(stream_bins::config::ConfigError { flag, env, reason }))
-    };
-    if let Err(reason) = validate_brokers(&brokers) {
-        bad("--brokers", "KAFKA_BROKERS", reason);
-    }
-    for (name, flag, env) in [
-        (&topic, "--topic", "KAFKA_TOPIC"),
-        (&dlq_topic, "--dlq-topic", "KAFKA_DLQ_TOPIC"),
-    ] {
-        if !valid_kafka_name(name) {
-            bad(
-                flag,
-                env,
-                format!("{name:?} is not a Kafka topic name (1..=249 of a-z A-Z 0-9 . _ -)"),
-            );
-        }
-    }
-    if topic == dlq_topic {
-        bad(
-            "--dlq-topic",
-            "KAFKA_DLQ_TOPIC",
-            format!("must differ from --topic ({topic})"),
-        );
-    }
-    for (value, flag, env) in [
-        (partitions, "--partitions", "TOPIC_PARTITIONS"),
-        (dlq_partitions, "--dlq-partitions", "DLQ_TOPIC_PARTITIONS"),
-    ] {
-        if !(1..=10_000).contains(&value) {
-            bad(flag, env, format!("must be 1..=10000, got {value}"));
-        }
-    }
-    if !(1..=16).contains(&replication_factor) {
-        bad(
-            "--replication-factor",
-            "TOPIC_REPLICATION_FACTOR",
-            format!("must be 1..=16, got {replication_factor}"),
-        );
-    }
-    let specs = [
-        TopicSpec {
-            name: topic,
-            partitions,
-        },
-        TopicSpec {
-            name: dlq_topic,
-            partitions: dlq_partitions,
-        },
-    ];
-    let outcomes = ensure(
-        &brokers,
+    let TopicsCommand::Ensure(arguments) = command;
+    let specs = config_or_exit(arguments.validate());
+    let outcomes = stream_bins::topics::ensure(
+        &arguments.brokers,
         &specs,
-        replication_factor,
-        recreate,
-        Duration::from_secs(wait_secs),
+        arguments.replication_factor,
+        arguments.recreate,
+        Duration::from_secs(arguments.wait_secs),
     )
     .await?;
-    println!("{}", render(&outcomes));
+    println!("{}", stream_bins::topics::render(&outcomes));
     Ok(0)
 }
