@@ -33,6 +33,10 @@ pub struct PipelineConfig {
     pub commit_interval: Duration,
     /// Schema versions the parser accepts.
     pub accepted_schema_versions: Vec<u32>,
+    /// The largest record value the parser accepts, in bytes.
+    pub max_record_bytes: usize,
+    /// The longest text field the parser accepts, in bytes.
+    pub max_field_bytes: usize,
     /// The consumer group session timeout: how soon the group coordinator
     /// gives a member's partitions to the others when it stops heartbeating
     /// (heartbeats go at a third of it). Kafka's `group.min.session.timeout.ms`
@@ -68,6 +72,8 @@ impl PipelineConfig {
             mailbox_capacity: 8,
             commit_interval: Duration::from_millis(200),
             accepted_schema_versions: vec![1],
+            max_record_bytes: crate::parse::DEFAULT_MAX_RECORD_BYTES,
+            max_field_bytes: crate::parse::DEFAULT_MAX_FIELD_BYTES,
             session_timeout: Duration::from_millis(6000),
             group_instance_id: None,
             dedup: true,

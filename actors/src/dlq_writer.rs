@@ -20,6 +20,16 @@
 //! and a restart within the process flushes the producer first. What it
 //! delivers after a read-back it remembers (old records of a partition that
 //! Kafka took away and gave back arrive after the new read-back).
+//!
+//! Bounded dead letters: the error message is cut to 1 KB where it is made
+//! ([`crate::parse::cut_message`]). A producer error is either retriable
+//! (broker away, timeout: retried with backoff, for as long as it takes) or
+//! permanent for that record ([`is_permanent`]: too large, invalid). A record
+//! the dead-letter topic refuses whole is sent as an envelope instead
+//! ([`Form`]): the headers, a prefix of the key and of the value, and the
+//! size and SHA-256 of each original; if even that is refused, the headers
+//! alone. `dlq.envelope` says which, and `streamctl dlq replay` skips
+//! envelopes (their bytes are not the original ones).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -28,9 +38,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::future::join_all;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::committer::CommitterMsg;
@@ -51,6 +63,85 @@ pub const DLQ_HEADERS: [&str; 8] = [
     "dlq.failed_at",
     REPLAY_COUNT_HEADER,
 ];
+
+/// Set on a dead letter that does not carry the original bytes whole: its
+/// value is `payload_prefix` or `headers_only` (see [`Form`]).
+pub const ENVELOPE_HEADER: &str = "dlq.envelope";
+/// An envelope keeps at most this much of the original value.
+pub const ENVELOPE_PAYLOAD_BYTES: usize = 16 * 1024;
+/// An envelope keeps at most this much of the original key.
+pub const ENVELOPE_KEY_BYTES: usize = 1024;
+
+/// How a dead letter carries the original record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// Key and value unchanged.
+    Whole,
+    /// At most [`ENVELOPE_KEY_BYTES`] of the key and [`ENVELOPE_PAYLOAD_BYTES`]
+    /// of the value, with the size and SHA-256 of each original.
+    PayloadPrefix,
+    /// No key and no value; the sizes and SHA-256 only.
+    HeadersOnly,
+}
+
+impl Form {
+    /// The next smaller form after the topic refused this one permanently.
+    fn smaller(self) -> Option<Form> {
+        match self {
+            Form::Whole => Some(Form::PayloadPrefix),
+            Form::PayloadPrefix => Some(Form::HeadersOnly),
+            Form::HeadersOnly => None,
+        }
+    }
+
+    fn label(self) -> Option<&'static str> {
+        match self {
+            Form::Whole => None,
+            Form::PayloadPrefix => Some("payload_prefix"),
+            Form::HeadersOnly => Some("headers_only"),
+        }
+    }
+}
+
+/// What a dead letter carries in `form`: key, value and the headers that
+/// describe what was left out.
+pub fn dead_letter_body<'a>(
+    key: Option<&'a [u8]>,
+    payload: Option<&'a [u8]>,
+    form: Form,
+) -> (Option<&'a [u8]>, Option<&'a [u8]>, Vec<(String, String)>) {
+    let Some(label) = form.label() else {
+        return (key, payload, Vec::new());
+    };
+    let mut headers = vec![(ENVELOPE_HEADER.to_string(), label.to_string())];
+    let mut keep = |name: &str, bytes: Option<&'a [u8]>, limit: usize| {
+        let bytes = bytes?;
+        headers.push((format!("dlq.{name}.size"), bytes.len().to_string()));
+        headers.push((
+            format!("dlq.{name}.sha256"),
+            hex::encode(Sha256::digest(bytes)),
+        ));
+        (form == Form::PayloadPrefix).then(|| &bytes[..bytes.len().min(limit)])
+    };
+    let key = keep("key", key, ENVELOPE_KEY_BYTES);
+    let payload = keep("payload", payload, ENVELOPE_PAYLOAD_BYTES);
+    (key, payload, headers)
+}
+
+/// Whether a producer error means the topic will never take this record as
+/// it is (too large, invalid), as opposed to the broker being away or slow.
+pub fn is_permanent(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::BadMessage
+        )
+    )
+}
 
 /// How many times the record was replayed before it failed again: `streamctl
 /// dlq replay` sets it on what it re-publishes, the consumer reads it, and the
@@ -178,16 +269,24 @@ pub fn read_back(
     Ok(written)
 }
 
+/// A dead letter on its way, in the form it is tried in.
+struct Pending {
+    record: PoisonRecord,
+    form: Form,
+}
+
 impl DlqWriterState {
     /// Produces every record and waits for the broker to confirm each one.
-    /// Returns the records that failed.
-    async fn produce(&self, records: Vec<PoisonRecord>) -> Vec<PoisonRecord> {
+    /// Returns the records that failed; one the topic refused permanently
+    /// comes back in the next smaller [`Form`], to be tried again at once.
+    /// The flag: some failure has no smaller form to try (wait, then retry).
+    async fn produce(&self, pending: Vec<Pending>) -> (Vec<Pending>, bool) {
         let failed_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|elapsed| elapsed.as_millis())
             .unwrap_or_default()
             .to_string();
-        let deliveries = records.iter().map(|record| {
+        let deliveries = pending.iter().map(|Pending { record, form }| {
             let partition = record.raw.position.partition.to_string();
             let offset = record.raw.position.offset.to_string();
             let replay_count = record.raw.replay_count.to_string();
@@ -201,8 +300,19 @@ impl DlqWriterState {
                 &failed_at,
                 &replay_count,
             ];
-            let mut headers = OwnedHeaders::new_with_capacity(DLQ_HEADERS.len());
+            let (key, payload, envelope) = dead_letter_body(
+                record.raw.key.as_deref(),
+                record.raw.payload.as_deref(),
+                *form,
+            );
+            let mut headers = OwnedHeaders::new_with_capacity(DLQ_HEADERS.len() + envelope.len());
             for (key, value) in DLQ_HEADERS.iter().zip(values) {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
+            for (key, value) in &envelope {
                 headers = headers.insert(Header {
                     key,
                     value: Some(value),
@@ -210,29 +320,48 @@ impl DlqWriterState {
             }
             let mut kafka_record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&self.args.dlq_topic).headers(headers);
-            if let Some(key) = record.raw.key.as_deref() {
+            if let Some(key) = key {
                 kafka_record = kafka_record.key(key);
             }
-            if let Some(payload) = record.raw.payload.as_deref() {
+            if let Some(payload) = payload {
                 kafka_record = kafka_record.payload(payload);
             }
             self.args.producer.send(kafka_record, Timeout::Never)
         });
         let results = join_all(deliveries).await;
         let mut failed = Vec::new();
-        for (record, result) in records.into_iter().zip(results) {
+        let mut must_wait = false;
+        for (Pending { record, form }, result) in pending.into_iter().zip(results) {
+            let (partition, offset) = (record.raw.position.partition, record.raw.position.offset);
             match result {
                 Ok(_) => {
                     metrics::counter!(names::DLQ_MESSAGES, "error_type" => record.kind.label())
                         .increment(1);
+                    if let Some(envelope) = form.label() {
+                        metrics::counter!(names::DLQ_ENVELOPES).increment(1);
+                        info!(
+                            partition,
+                            offset, envelope, "dead letter delivered as an envelope"
+                        );
+                    }
+                }
+                Err((delivery_error, _)) if is_permanent(&delivery_error) => {
+                    let smaller = form.smaller();
+                    warn!(%delivery_error, partition, offset, ?form, next = ?smaller, "the dead-letter topic refuses this dead letter; sending less of it");
+                    must_wait |= smaller.is_none();
+                    failed.push(Pending {
+                        record,
+                        form: smaller.unwrap_or(form),
+                    });
                 }
                 Err((delivery_error, _)) => {
-                    warn!(%delivery_error, partition = record.raw.position.partition, offset = record.raw.position.offset, "dead letter not delivered");
-                    failed.push(record);
+                    warn!(%delivery_error, partition, offset, "dead letter not delivered");
+                    must_wait = true;
+                    failed.push(Pending { record, form });
                 }
             }
         }
-        failed
+        (failed, must_wait)
     }
 }
 
@@ -254,6 +383,7 @@ impl Actor for DlqWriterActor {
             metrics::counter!(names::DLQ_MESSAGES, "error_type" => kind.label()).increment(0);
         }
         metrics::counter!(names::DLQ_DUPLICATES_SKIPPED).increment(0);
+        metrics::counter!(names::DLQ_ENVELOPES).increment(0);
         Ok(DlqWriterState {
             args,
             already_written: HashSet::new(),
@@ -300,7 +430,7 @@ impl Actor for DlqWriterActor {
             DlqWriterMsg::Write { records, permit } => {
                 let positions: Vec<_> = records.iter().map(|record| record.raw.position).collect();
                 let before = records.len();
-                let mut remaining: Vec<PoisonRecord> = records
+                let remaining: Vec<PoisonRecord> = records
                     .into_iter()
                     .filter(|record| {
                         !state
@@ -318,14 +448,25 @@ impl Actor for DlqWriterActor {
                 }
                 let delivered: Vec<_> =
                     remaining.iter().map(|record| record.raw.position).collect();
+                let mut pending: Vec<Pending> = remaining
+                    .into_iter()
+                    .map(|record| Pending {
+                        record,
+                        form: Form::Whole,
+                    })
+                    .collect();
                 let mut backoff = FIRST_BACKOFF;
                 loop {
-                    remaining = state.produce(remaining).await;
-                    if remaining.is_empty() {
+                    let (failed, must_wait) = state.produce(pending).await;
+                    pending = failed;
+                    if pending.is_empty() {
                         break;
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    // A smaller form goes again at once; anything else waits.
+                    if must_wait {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
                 }
                 if state.args.dedup {
                     remember(&mut state.already_written, &delivered);
@@ -345,6 +486,85 @@ impl Actor for DlqWriterActor {
 mod tests {
     use super::*;
     use crate::models::SourcePosition;
+    use proptest::prelude::*;
+
+    fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
+        headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    #[test]
+    fn whole_dead_letters_carry_the_original_bytes() {
+        let (key, payload, headers) = dead_letter_body(Some(b"k"), Some(b"v"), Form::Whole);
+        assert_eq!((key, payload), (Some(&b"k"[..]), Some(&b"v"[..])));
+        assert!(headers.is_empty());
+    }
+
+    #[test]
+    fn producer_errors_are_classified() {
+        let too_large = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert!(is_permanent(&too_large));
+        let invalid = KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord);
+        assert!(is_permanent(&invalid));
+        for retriable in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::NotEnoughReplicas,
+            RDKafkaErrorCode::QueueFull,
+        ] {
+            assert!(!is_permanent(&KafkaError::MessageProduction(retriable)));
+        }
+        assert_eq!(Form::Whole.smaller(), Some(Form::PayloadPrefix));
+        assert_eq!(Form::PayloadPrefix.smaller(), Some(Form::HeadersOnly));
+        assert_eq!(Form::HeadersOnly.smaller(), None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// An envelope is bounded whatever the record, and says exactly what
+        /// the original was.
+        #[test]
+        fn envelopes_are_bounded_and_describe_the_original(
+            key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..3000)),
+            payload_len in proptest::option::of(0usize..200_000),
+            fill in any::<u8>(),
+            headers_only in any::<bool>(),
+        ) {
+            let payload = payload_len.map(|len| vec![fill; len]);
+            let form = if headers_only { Form::HeadersOnly } else { Form::PayloadPrefix };
+            let (kept_key, kept_payload, headers) =
+                dead_letter_body(key.as_deref(), payload.as_deref(), form);
+            prop_assert_eq!(header(&headers, ENVELOPE_HEADER), form.label());
+            for (name, original, kept, limit) in [
+                ("key", key.as_deref(), kept_key, ENVELOPE_KEY_BYTES),
+                ("payload", payload.as_deref(), kept_payload, ENVELOPE_PAYLOAD_BYTES),
+            ] {
+                match original {
+                    None => {
+                        prop_assert!(kept.is_none());
+                        let size_header = format!("dlq.{name}.size");
+                        prop_assert!(header(&headers, &size_header).is_none());
+                    }
+                    Some(bytes) => {
+                        let size = bytes.len().to_string();
+                        let sha = hex::encode(Sha256::digest(bytes));
+                        prop_assert_eq!(header(&headers, &format!("dlq.{name}.size")), Some(size.as_str()));
+                        prop_assert_eq!(header(&headers, &format!("dlq.{name}.sha256")), Some(sha.as_str()));
+                        if headers_only {
+                            prop_assert!(kept.is_none());
+                        } else {
+                            let kept = kept.expect("a prefix");
+                            prop_assert!(kept.len() <= limit);
+                            prop_assert!(bytes.starts_with(kept));
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn delivered_positions_are_remembered_and_only_far_behind_ones_forgotten() {

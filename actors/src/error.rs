@@ -55,7 +55,75 @@ pub enum PipelineError {
     },
 }
 
+/// PostgreSQL errors about the values written, not about the server: the
+/// whole data-exception class 22 (22021 a NUL in text, 22P05 an
+/// untranslatable character, 22003 a number out of range, 22001 a string too
+/// long...) and the not-null and check constraints (23502, 23514). The same
+/// rows fail the same way on every retry.
+fn postgres_data_error(code: &str) -> bool {
+    code.starts_with("22") || matches!(code, "23502" | "23514")
+}
+
+/// ClickHouse error codes about the values inserted: parse, type and range
+/// errors, and a table's own check (`throwIf` in a column expression).
+const CLICKHOUSE_DATA_ERRORS: [u32; 16] = [
+    6,   // CANNOT_PARSE_TEXT
+    25,  // CANNOT_PARSE_ESCAPE_SEQUENCE
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+    321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    349, // CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
+    469, // VIOLATED_CONSTRAINT
+];
+
+/// The `Code: N` of a ClickHouse exception message.
+pub fn clickhouse_error_code(message: &str) -> Option<u32> {
+    let rest = &message[message.find("Code: ")? + "Code: ".len()..];
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..digits].parse().ok()
+}
+
 impl PipelineError {
+    /// The store's own words when this failure is about the data written
+    /// (the same rows fail on every retry, so they must be dead-lettered),
+    /// `None` when it is about the store or the way to it (connection,
+    /// timeout, server error: retriable behind the breaker).
+    pub fn data_error(&self) -> Option<String> {
+        match self {
+            PipelineError::Postgres { source, .. } => {
+                let db_error = source.as_db_error()?;
+                postgres_data_error(db_error.code().code()).then(|| {
+                    format!(
+                        "postgres SQLSTATE {}: {}",
+                        db_error.code().code(),
+                        db_error.message()
+                    )
+                })
+            }
+            PipelineError::ClickHouse {
+                source: clickhouse::error::Error::BadResponse(message),
+                ..
+            } => {
+                let code = clickhouse_error_code(message)?;
+                CLICKHOUSE_DATA_ERRORS
+                    .contains(&code)
+                    .then(|| format!("clickhouse {message}"))
+            }
+            _ => None,
+        }
+    }
+
     /// Wraps a PostgreSQL error with what we were doing.
     pub fn postgres(
         context: impl Into<String>,
@@ -78,5 +146,52 @@ impl PipelineError {
     ) -> impl FnOnce(rdkafka::error::KafkaError) -> PipelineError {
         let context = context.into();
         move |source| PipelineError::Kafka { context, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clickhouse_codes_are_read_from_the_exception() {
+        assert_eq!(
+            clickhouse_error_code("Code: 395, e.displayText() = DB::Exception: Value passed to 'throwIf' function is non zero"),
+            Some(395)
+        );
+        assert_eq!(
+            clickhouse_error_code("Code: 27. DB::Exception: Cannot parse input"),
+            Some(27)
+        );
+        assert_eq!(clickhouse_error_code("connection refused"), None);
+    }
+
+    #[test]
+    fn only_data_errors_are_about_the_data() {
+        let bad = |message: &str| PipelineError::ClickHouse {
+            context: "insert".into(),
+            source: clickhouse::error::Error::BadResponse(message.into()),
+        };
+        assert!(bad("Code: 395. DB::Exception: throwIf")
+            .data_error()
+            .is_some());
+        // Too many parts, memory limit: the server's trouble, retried.
+        assert!(bad("Code: 252. DB::Exception: Too many parts")
+            .data_error()
+            .is_none());
+        assert!(bad("Code: 241. DB::Exception: Memory limit")
+            .data_error()
+            .is_none());
+        let network = PipelineError::ClickHouse {
+            context: "insert".into(),
+            source: clickhouse::error::Error::TimedOut,
+        };
+        assert!(network.data_error().is_none());
+        assert!(postgres_data_error("22021"));
+        assert!(postgres_data_error("22P05"));
+        assert!(postgres_data_error("23514"));
+        assert!(!postgres_data_error("23505"));
+        assert!(!postgres_data_error("57P01"));
+        assert!(!postgres_data_error("08006"));
     }
 }

@@ -49,6 +49,9 @@ pub const CIRCUIT_BREAKER_STATE: &str = "stream_circuit_breaker_state";
 /// Dead letters not written again because the dead-letter topic already holds
 /// them (a replay after a crash) (counter).
 pub const DLQ_DUPLICATES_SKIPPED: &str = "stream_dlq_duplicates_skipped_total";
+/// Dead letters the dead-letter topic refused whole, delivered as envelopes
+/// (a prefix of the bytes, or the headers only).
+pub const DLQ_ENVELOPES: &str = "stream_dlq_envelopes_total";
 /// Checkpoint writes that failed; the checkpoint stays where it was and the
 /// next tick tries again (counter).
 pub const CHECKPOINT_FAILURES: &str = "stream_checkpoint_failures_total";

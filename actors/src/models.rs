@@ -15,7 +15,7 @@ pub struct SourcePosition {
 }
 
 /// A record as the consumer read it, bytes untouched.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RawRecord {
     /// Partition and offset, used for acknowledgements and DLQ headers.
     pub position: SourcePosition,
@@ -34,12 +34,13 @@ pub struct RawRecord {
 /// A record the parser accepted, ready for the sinks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidRecord {
-    /// Where it came from: the sink acknowledges this position once stored.
-    pub position: SourcePosition,
+    /// The record as read: its position (the sink acknowledges it once
+    /// stored), its Kafka timestamp (for the end-to-end latency), and its key
+    /// and bytes, kept so that a record a store refuses is dead-lettered
+    /// unchanged.
+    pub raw: RawRecord,
     /// The parsed event.
     pub event: ValidEvent,
-    /// The Kafka record timestamp, for the end-to-end latency.
-    pub kafka_timestamp_ms: Option<i64>,
 }
 
 /// A record the parser rejected, on its way to the dead-letter topic.

@@ -46,17 +46,32 @@ pub enum PoisonKind {
     TimestampOutOfRange,
     /// `schema_version` is not one this processor accepts.
     UnknownSchemaVersion,
+    /// A text field holds a NUL character, which PostgreSQL `text` refuses
+    /// (SQLSTATE 22021) on every try.
+    NulInText,
+    /// A text field is longer than [`ParseRules::max_field_bytes`].
+    FieldTooLong,
+    /// The whole value is larger than [`ParseRules::max_record_bytes`].
+    RecordTooLarge,
+    /// The parser accepted it but a store refused it as data (a PostgreSQL
+    /// data exception or constraint, a ClickHouse type or parse error): the
+    /// sink found it by bisecting the batch (`dlq.stage=sink`).
+    StoreRejected,
 }
 
 impl PoisonKind {
     /// Every kind, in label order; handy for reports and tests.
-    pub const ALL: [PoisonKind; 6] = [
+    pub const ALL: [PoisonKind; 10] = [
         PoisonKind::MalformedJson,
         PoisonKind::MissingField,
         PoisonKind::WrongFieldType,
         PoisonKind::InvalidValue,
         PoisonKind::TimestampOutOfRange,
         PoisonKind::UnknownSchemaVersion,
+        PoisonKind::NulInText,
+        PoisonKind::FieldTooLong,
+        PoisonKind::RecordTooLarge,
+        PoisonKind::StoreRejected,
     ];
 
     /// The stable label used in the `dlq.error.type` header and metric labels.
@@ -68,6 +83,10 @@ impl PoisonKind {
             PoisonKind::InvalidValue => "invalid_value",
             PoisonKind::TimestampOutOfRange => "timestamp_out_of_range",
             PoisonKind::UnknownSchemaVersion => "unknown_schema_version",
+            PoisonKind::NulInText => "nul_in_text",
+            PoisonKind::FieldTooLong => "field_too_long",
+            PoisonKind::RecordTooLarge => "record_too_large",
+            PoisonKind::StoreRejected => "store_rejected",
         }
     }
 
@@ -96,13 +115,38 @@ pub struct ParseError {
 }
 
 impl ParseError {
-    fn new(kind: PoisonKind, message: impl Into<String>) -> ParseError {
+    /// An error of `kind`; the message is cut to [`MAX_ERROR_MESSAGE_BYTES`].
+    pub fn new(kind: PoisonKind, message: impl Into<String>) -> ParseError {
         ParseError {
             kind,
-            message: message.into(),
+            message: cut_message(message.into()),
         }
     }
 }
+
+/// The longest error message a dead letter carries (`dlq.error.message`):
+/// serde's messages quote the offending value, which may be megabytes.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+
+/// Cuts `message` to at most [`MAX_ERROR_MESSAGE_BYTES`] bytes on a character
+/// boundary, saying how much was cut.
+pub fn cut_message(message: String) -> String {
+    if message.len() <= MAX_ERROR_MESSAGE_BYTES {
+        return message;
+    }
+    let marker_room = 40;
+    let mut end = MAX_ERROR_MESSAGE_BYTES - marker_room;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes cut)", &message[..end], message.len() - end)
+}
+
+/// The default [`ParseRules::max_record_bytes`]: 1 MiB, the broker's default
+/// `message.max.bytes`.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// The default [`ParseRules::max_field_bytes`].
+pub const DEFAULT_MAX_FIELD_BYTES: usize = 4096;
 
 /// What the parser accepts. Passed in so the parser stays pure.
 #[derive(Debug, Clone)]
@@ -115,6 +159,10 @@ pub struct ParseRules {
     pub max_past_ms: i64,
     /// Schema versions this processor knows how to store.
     pub accepted_schema_versions: Vec<u32>,
+    /// The largest record value accepted, in bytes.
+    pub max_record_bytes: usize,
+    /// The longest text field (`event_type`, `user_id`) accepted, in bytes.
+    pub max_field_bytes: usize,
 }
 
 impl ParseRules {
@@ -125,6 +173,8 @@ impl ParseRules {
             max_future_ms: ONE_YEAR_MS,
             max_past_ms: 10 * ONE_YEAR_MS,
             accepted_schema_versions: vec![1],
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            max_field_bytes: DEFAULT_MAX_FIELD_BYTES,
         }
     }
 }
@@ -155,6 +205,16 @@ pub fn parse_event(payload: Option<&[u8]>, rules: &ParseRules) -> Result<ValidEv
             "record has no value (null payload)",
         ));
     };
+    if bytes.len() > rules.max_record_bytes {
+        return Err(ParseError::new(
+            PoisonKind::RecordTooLarge,
+            format!(
+                "value is {} bytes, more than the {} accepted",
+                bytes.len(),
+                rules.max_record_bytes
+            ),
+        ));
+    }
     let first_significant_byte = bytes.iter().find(|byte| !byte.is_ascii_whitespace());
     if first_significant_byte != Some(&b'{') {
         return Err(ParseError::new(
@@ -224,6 +284,24 @@ pub fn parse_event(payload: Option<&[u8]>, rules: &ParseRules) -> Result<ValidEv
             PoisonKind::InvalidValue,
             "amount is not finite",
         ));
+    }
+    for (name, text) in [("event_type", &event_type), ("user_id", &user_id)] {
+        if text.len() > rules.max_field_bytes {
+            return Err(ParseError::new(
+                PoisonKind::FieldTooLong,
+                format!(
+                    "{name} is {} bytes, more than the {} accepted",
+                    text.len(),
+                    rules.max_field_bytes
+                ),
+            ));
+        }
+        if text.contains('\0') {
+            return Err(ParseError::new(
+                PoisonKind::NulInText,
+                format!("{name} holds a NUL character, which the stores refuse"),
+            ));
+        }
     }
     let latest_allowed = rules.now_ms.saturating_add(rules.max_future_ms);
     let earliest_allowed = rules.now_ms.saturating_sub(rules.max_past_ms);
@@ -323,6 +401,48 @@ mod tests {
     }
 
     #[test]
+    fn refuses_what_the_stores_cannot_take() {
+        let nul = VALID.replace("user-42", "user\\u0000-42");
+        assert_eq!(classify(&nul), Err(PoisonKind::NulInText));
+        let nul_type = VALID.replace("purchase", "pur\\u0000chase");
+        assert_eq!(classify(&nul_type), Err(PoisonKind::NulInText));
+        let long_user = VALID.replace("user-42", &"u".repeat(DEFAULT_MAX_FIELD_BYTES + 1));
+        assert_eq!(classify(&long_user), Err(PoisonKind::FieldTooLong));
+        let just_fits = VALID.replace("user-42", &"u".repeat(DEFAULT_MAX_FIELD_BYTES));
+        assert!(classify(&just_fits).is_ok());
+        let mut small = rules();
+        small.max_record_bytes = VALID.len() - 1;
+        assert_eq!(
+            parse_event(Some(VALID.as_bytes()), &small).map_err(|error| error.kind),
+            Err(PoisonKind::RecordTooLarge)
+        );
+        small.max_record_bytes = VALID.len();
+        assert!(parse_event(Some(VALID.as_bytes()), &small).is_ok());
+    }
+
+    #[test]
+    fn error_messages_are_cut_to_a_kilobyte() {
+        // serde quotes the wrong-typed value; a 600 KB one must not reach a header whole.
+        let huge = VALID.replace("12.5", &format!("\"{}\"", "9".repeat(600_000)));
+        let error = parse_event(Some(huge.as_bytes()), &rules()).unwrap_err();
+        assert_eq!(error.kind, PoisonKind::WrongFieldType);
+        assert!(
+            error.message.len() <= MAX_ERROR_MESSAGE_BYTES,
+            "{}",
+            error.message.len()
+        );
+        assert!(
+            error.message.ends_with("bytes cut)"),
+            "{}",
+            &error.message[900..]
+        );
+        // Multi-byte characters are cut on a boundary.
+        let cut = cut_message("é".repeat(2000));
+        assert!(cut.len() <= MAX_ERROR_MESSAGE_BYTES);
+        assert_eq!(cut_message("short".to_string()), "short");
+    }
+
+    #[test]
     fn accepted_schema_versions_are_configurable() {
         let version_two = VALID.replace("\"schema_version\":1", "\"schema_version\":2");
         let mut rules_with_two = rules();
@@ -357,6 +477,7 @@ mod tests {
             // Never panics; an error always carries a message.
             if let Err(error) = parse_event(Some(&bytes), &rules()) {
                 prop_assert!(!error.message.is_empty());
+                prop_assert!(error.message.len() <= MAX_ERROR_MESSAGE_BYTES);
             }
         }
 

@@ -63,11 +63,7 @@ pub fn split_batch(
     let mut poison = Vec::new();
     for raw in records {
         match parse_event(raw.payload.as_deref(), rules) {
-            Ok(event) => valid.push(ValidRecord {
-                position: raw.position,
-                event,
-                kafka_timestamp_ms: raw.kafka_timestamp_ms,
-            }),
+            Ok(event) => valid.push(ValidRecord { raw, event }),
             Err(parse_error) => poison.push(PoisonRecord {
                 raw,
                 kind: parse_error.kind,

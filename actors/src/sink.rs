@@ -16,6 +16,15 @@
 //! valid event is never dead-lettered because a store is down. Both stores
 //! are written at once; a store that already holds the batch is not written
 //! again on the retry.
+//!
+//! A store that refuses the batch because of what is in it (a PostgreSQL data
+//! exception or constraint, a ClickHouse parse or type error:
+//! [`PipelineError::data_error`]) would refuse it forever, so the sink
+//! bisects the batch to find the records it refuses, writes the rest, and
+//! dead-letters those records (`dlq.stage=sink`, kind `store_rejected`, the
+//! store's message) through the DLQ writer, which acks them. If the other
+//! store already took them, they are deleted there before the batch is acked,
+//! so a record ends up stored in both stores or dead-lettered, never both.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,12 +35,18 @@ use tracing::{info, warn};
 use crate::breaker::CircuitBreaker;
 use crate::committer::CommitterMsg;
 use crate::config::PipelineConfig;
+use crate::dlq_writer::DlqWriterMsg;
 use crate::error::PipelineError;
 use crate::faults::{CrashPoint, Faults};
-use crate::mailbox::MailboxPermit;
+use crate::mailbox::{BoundedSender, MailboxPermit};
 use crate::metrics as names;
-use crate::models::{AckSource, ValidRecord};
+use crate::models::{AckSource, PoisonRecord, SourcePosition, ValidRecord};
+use crate::parse::{cut_message, PoisonKind};
 use crate::storage::{ClickHouseEvents, PostgresEvents};
+
+/// The pipeline stage name written to the `dlq.stage` header of records a
+/// store refused.
+pub const SINK_STAGE: &str = "sink";
 
 /// What the sink starts with.
 pub struct SinkArgs {
@@ -39,6 +54,8 @@ pub struct SinkArgs {
     pub config: PipelineConfig,
     /// Told what is stored.
     pub committer: ActorRef<CommitterMsg>,
+    /// Where records a store refuses go.
+    pub dlq_writer: BoundedSender<DlqWriterMsg>,
     /// Injected faults.
     pub faults: Arc<Faults>,
 }
@@ -78,11 +95,18 @@ pub struct SinkState {
 /// Which store a write failed in.
 #[derive(Debug, Clone, Copy)]
 enum Store {
-    Postgres,
-    ClickHouse,
+    Postgres = 0,
+    ClickHouse = 1,
 }
 
 impl Store {
+    fn other(self) -> Store {
+        match self {
+            Store::Postgres => Store::ClickHouse,
+            Store::ClickHouse => Store::Postgres,
+        }
+    }
+
     /// The `store` label of the sink's metrics.
     fn label(self) -> &'static str {
         match self {
@@ -93,13 +117,20 @@ impl Store {
 }
 
 impl SinkState {
-    /// Writes the buffer to both stores, retrying until it succeeds, then acks.
+    /// Writes the buffer to both stores, retrying until it succeeds, then
+    /// acks. Records a store refuses as data are dead-lettered instead (found
+    /// by bisecting the batch) and removed from the other store if it already
+    /// took them; everything else is retried behind the breakers.
     async fn write_buffer(&mut self) -> Result<(), ActorProcessingErr> {
         if self.buffer.is_empty() {
             return Ok(());
         }
         let mut attempt = 0u32;
         let mut done = Written::default();
+        let mut refused: Vec<PoisonRecord> = Vec::new();
+        // Per store, refused records it took before they were found (the
+        // other store refused them): deleted before the batch is acked.
+        let mut to_remove: [Vec<SourcePosition>; 2] = [Vec::new(), Vec::new()];
         loop {
             let wait = self
                 .postgres_breaker
@@ -110,16 +141,49 @@ impl SinkState {
                 continue;
             }
             attempt += 1;
-            let failures = self.try_write(&mut done).await;
+            let mut failures = Vec::new();
+            for (store, write_error) in self.try_write(&mut done).await {
+                let Some(store_message) = write_error.data_error() else {
+                    failures.push((store, write_error));
+                    continue;
+                };
+                warn!(?store, %store_message, records = self.buffer.len(), "a store refused the batch as data; bisecting it");
+                match self.bisect(store, store_message).await {
+                    Ok(found) => {
+                        done.set(store);
+                        let other = store.other();
+                        if done.get(other) {
+                            to_remove[other as usize]
+                                .extend(found.iter().map(|record| record.raw.position));
+                        }
+                        refused.extend(found);
+                    }
+                    Err(write_error) => failures.push((store, write_error)),
+                }
+            }
+            if failures.is_empty() {
+                for store in [Store::Postgres, Store::ClickHouse] {
+                    let positions = &to_remove[store as usize];
+                    if positions.is_empty() {
+                        continue;
+                    }
+                    match self.remove(store, positions).await {
+                        Ok(()) => to_remove[store as usize].clear(),
+                        Err(remove_error) => failures.push((store, remove_error)),
+                    }
+                }
+            }
             if failures.is_empty() {
                 break;
             }
             for (store, write_error) in failures {
                 warn!(%write_error, ?store, attempt, "sink write failed, retrying");
-                match store {
-                    Store::Postgres => self.postgres_breaker.failed(),
-                    Store::ClickHouse => self.clickhouse_breaker.failed(),
+                metrics::counter!(names::SINK_RETRIES, "store" => store.label()).increment(1);
+                if let Store::Postgres = store {
+                    // Reconnect before the next attempt.
+                    self.postgres = None;
                 }
+                self.breaker(store).failed();
             }
             // Closed breaker: a short pause before trying again.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -131,6 +195,20 @@ impl SinkState {
                 "sink write succeeded after retries"
             );
         }
+        if !refused.is_empty() {
+            let count = refused.len();
+            self.args
+                .dlq_writer
+                .send(|permit| DlqWriterMsg::Write {
+                    records: refused,
+                    permit,
+                })
+                .await?;
+            warn!(
+                refused = count,
+                "records refused by a store were dead-lettered"
+            );
+        }
         self.args.faults.reached(CrashPoint::AfterDbWrite);
         let stored = std::mem::take(&mut self.buffer);
         metrics::counter!(names::EVENTS_PROCESSED).increment(stored.len() as u64);
@@ -139,16 +217,138 @@ impl SinkState {
             .map(|elapsed| elapsed.as_millis() as i64)
             .unwrap_or_default();
         let latency = metrics::histogram!(names::END_TO_END_LATENCY);
-        for produced_at in stored.iter().filter_map(|record| record.kafka_timestamp_ms) {
+        for produced_at in stored
+            .iter()
+            .filter_map(|record| record.raw.kafka_timestamp_ms)
+        {
             latency.record((now_ms - produced_at).max(0) as f64 / 1000.0);
         }
-        let positions = stored.iter().map(|record| record.position).collect();
+        let positions = stored.iter().map(|record| record.raw.position).collect();
         self.args.committer.cast(CommitterMsg::Ack {
             source: AckSource::Sink,
             positions,
         })?;
         self.buffered_permits.clear();
         Ok(())
+    }
+
+    fn breaker(&mut self, store: Store) -> &mut CircuitBreaker {
+        match store {
+            Store::Postgres => &mut self.postgres_breaker,
+            Store::ClickHouse => &mut self.clickhouse_breaker,
+        }
+    }
+
+    /// One write of `records` to one store.
+    async fn write_to(
+        &mut self,
+        store: Store,
+        records: &[ValidRecord],
+    ) -> Result<(), PipelineError> {
+        match store {
+            Store::Postgres => self.postgres().await?.write(records).await.map(|_| ()),
+            Store::ClickHouse => self.clickhouse.write(records).await,
+        }
+    }
+
+    /// The PostgreSQL table, connecting first if the last call failed.
+    async fn postgres(&mut self) -> Result<&PostgresEvents, PipelineError> {
+        if self.postgres.is_none() {
+            let config = &self.args.config;
+            self.postgres =
+                Some(PostgresEvents::connect(&config.postgres_url, config.dedup).await?);
+        }
+        Ok(self.postgres.as_ref().expect("connected above"))
+    }
+
+    /// Deletes rows stored from these positions in one store.
+    async fn remove(
+        &mut self,
+        store: Store,
+        positions: &[SourcePosition],
+    ) -> Result<(), PipelineError> {
+        info!(
+            ?store,
+            records = positions.len(),
+            "removing records the other store refused"
+        );
+        match store {
+            Store::Postgres => self.postgres().await?.remove(positions).await.map(|_| ()),
+            Store::ClickHouse => self.clickhouse.remove(positions).await,
+        }
+    }
+
+    /// Finds the records of the buffer that `store` refuses as data, by
+    /// writing halves of the failing range until each refused record stands
+    /// alone; everything else ends up written to `store`. Takes the refused
+    /// records out of the buffer and returns them as dead letters
+    /// (`dlq.stage=sink`). Writes about k·log2(n) times for k refused records
+    /// among n. A failure that is not about the data stops the search (the
+    /// whole batch is retried later: the writes are idempotent).
+    async fn bisect(
+        &mut self,
+        store: Store,
+        store_message: String,
+    ) -> Result<Vec<PoisonRecord>, PipelineError> {
+        let buffer = std::mem::take(&mut self.buffer);
+        let search = self.find_refused(store, &buffer, store_message).await;
+        self.buffer = buffer;
+        let mut refused_at = search?;
+        refused_at.sort_by_key(|(index, _)| std::cmp::Reverse(*index));
+        let mut found = Vec::with_capacity(refused_at.len());
+        for (index, message) in refused_at {
+            let record = self.buffer.remove(index);
+            warn!(
+                ?store,
+                partition = record.raw.position.partition,
+                offset = record.raw.position.offset,
+                %message,
+                "a store refused a record; dead-lettering it"
+            );
+            found.push(PoisonRecord {
+                raw: record.raw,
+                kind: PoisonKind::StoreRejected,
+                message: cut_message(message),
+                stage: SINK_STAGE,
+            });
+        }
+        found.reverse();
+        Ok(found)
+    }
+
+    /// The bisection itself: the indexes of `records` that `store` refuses,
+    /// each with the store's message. `first_error`: the whole of `records`
+    /// is known to fail with it.
+    async fn find_refused(
+        &mut self,
+        store: Store,
+        records: &[ValidRecord],
+        first_error: String,
+    ) -> Result<Vec<(usize, String)>, PipelineError> {
+        // Ranges still to look at, each with its error if it is known to fail.
+        let mut ranges = vec![(0, records.len(), Some(first_error))];
+        let mut refused_at = Vec::new();
+        while let Some((start, end, known_error)) = ranges.pop() {
+            let error = match known_error {
+                Some(message) => Some(message),
+                None => match self.write_to(store, &records[start..end]).await {
+                    Ok(()) => None,
+                    Err(write_error) => match write_error.data_error() {
+                        Some(message) => Some(message),
+                        None => return Err(write_error),
+                    },
+                },
+            };
+            let Some(message) = error else { continue };
+            if end - start == 1 {
+                refused_at.push((start, message));
+            } else {
+                let middle = start + (end - start) / 2;
+                ranges.push((middle, end, None));
+                ranges.push((start, middle, None));
+            }
+        }
+        Ok(refused_at)
     }
 
     /// One attempt: both stores at once, each unless it already holds the
@@ -193,31 +393,15 @@ impl SinkState {
             (Store::Postgres, postgres_outcome),
             (Store::ClickHouse, clickhouse_outcome),
         ] {
-            let label = store.label();
             match outcome {
                 None => {}
                 Some(Ok(took)) => {
-                    metrics::histogram!(names::SINK_BATCH_SECONDS, "store" => label)
+                    metrics::histogram!(names::SINK_BATCH_SECONDS, "store" => store.label())
                         .record(took.as_secs_f64());
-                    match store {
-                        Store::Postgres => {
-                            self.postgres_breaker.succeeded();
-                            done.postgres = true;
-                        }
-                        Store::ClickHouse => {
-                            self.clickhouse_breaker.succeeded();
-                            done.clickhouse = true;
-                        }
-                    }
+                    self.breaker(store).succeeded();
+                    done.set(store);
                 }
-                Some(Err(write_error)) => {
-                    metrics::counter!(names::SINK_RETRIES, "store" => label).increment(1);
-                    if let Store::Postgres = store {
-                        // Reconnect before the next attempt.
-                        self.postgres = None;
-                    }
-                    failures.push((store, write_error));
-                }
+                Some(Err(write_error)) => failures.push((store, write_error)),
             }
         }
         failures
@@ -229,6 +413,22 @@ impl SinkState {
 struct Written {
     postgres: bool,
     clickhouse: bool,
+}
+
+impl Written {
+    fn set(&mut self, store: Store) {
+        match store {
+            Store::Postgres => self.postgres = true,
+            Store::ClickHouse => self.clickhouse = true,
+        }
+    }
+
+    fn get(&self, store: Store) -> bool {
+        match store {
+            Store::Postgres => self.postgres,
+            Store::ClickHouse => self.clickhouse,
+        }
+    }
 }
 
 /// The sink actor.

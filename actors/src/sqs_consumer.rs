@@ -13,9 +13,14 @@
 //! being stored, a heartbeat extends the message's visibility so slow work is
 //! not redelivered under our feet.
 //!
-//! If storing fails for an infrastructure reason (PostgreSQL gone), the actor
-//! fails and its supervisor decides; the message was not deleted, so it comes
-//! back. A crash after the store and before the delete redelivers a message
+//! An order the parser accepts but the store refuses as data (a PostgreSQL
+//! data exception, such as a NUL in a text field) is a failed message like a
+//! malformed one: left for redelivery, and redriven by the broker. If storing
+//! fails for an infrastructure reason (PostgreSQL gone), the actor fails and
+//! its supervisor decides; the message was not deleted, so it comes back.
+//! The failure counts per message id are bounded ([`FailureLog`]): a
+//! message's entry goes when it is deleted, and the oldest go when the log is
+//! full (a redriven message is never seen again). A crash after the store and before the delete redelivers a message
 //! whose order is already stored: the insert does nothing the second time.
 
 use std::collections::HashMap;
@@ -113,8 +118,8 @@ struct TaskContext {
     processed: AtomicU64,
     failed_receives: AtomicU64,
     deleted: AtomicU64,
-    /// Failed receives per message id (poison only, so small).
-    failures_by_message: Mutex<HashMap<String, u32>>,
+    /// Failed receives per message id, bounded.
+    failures_by_message: Mutex<FailureLog>,
 }
 
 /// The SQS consumer's state.
@@ -169,7 +174,7 @@ impl Actor for SqsConsumerActor {
                 processed: AtomicU64::new(0),
                 failed_receives: AtomicU64::new(0),
                 deleted: AtomicU64::new(0),
-                failures_by_message: Mutex::new(HashMap::new()),
+                failures_by_message: Mutex::new(FailureLog::new(MAX_TRACKED_FAILURES)),
             }),
             tasks: JoinSet::new(),
             dlq_url,
@@ -226,7 +231,7 @@ impl Actor for SqsConsumerActor {
                         .failures_by_message
                         .lock()
                         .unwrap_or_else(|poison| poison.into_inner())
-                        .clone(),
+                        .counts(),
                 });
             }
         }
@@ -286,34 +291,7 @@ async fn process_message(context: &TaskContext, message: Message) -> Result<(), 
     let order = match parse_order(body) {
         Ok(order) => order,
         Err(reason) => {
-            let receive_count = message
-                .attributes()
-                .and_then(|attributes| {
-                    attributes.get(&MessageSystemAttributeName::ApproximateReceiveCount)
-                })
-                .cloned()
-                .unwrap_or_default();
-            warn!(%message_id, %reason, receive_count, "order rejected; leaving it for redelivery");
-            context.failed_receives.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(names::SQS_FAILED_RECEIVES).increment(1);
-            *context
-                .failures_by_message
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner())
-                .entry(message_id.clone())
-                .or_insert(0) += 1;
-            // Never delete on failure: make it visible again after the retry delay.
-            if let Err(error) = context
-                .client
-                .change_message_visibility()
-                .queue_url(&context.queue_url)
-                .receipt_handle(&receipt)
-                .visibility_timeout(context.args.retry_delay_seconds)
-                .send()
-                .await
-            {
-                warn!(%message_id, error = %classify(&context.args.settings, "change visibility", error), "cannot shorten visibility");
-            }
+            leave_for_redelivery(context, &message, "order rejected", &reason.to_string()).await;
             return Ok(());
         }
     };
@@ -321,25 +299,29 @@ async fn process_message(context: &TaskContext, message: Message) -> Result<(), 
     // The work (store, then the test gate if any), renewing the message's
     // visibility while it runs so slow work is not redelivered meanwhile.
     let work = async {
-        context
-            .store
-            .store(&order, &message_id)
-            .await
-            .map_err(|error| format!("storing order {}: {error}", order.order_id))?;
+        match context.store.store(&order, &message_id).await {
+            Ok(_) => {}
+            Err(store_error) => {
+                return match store_error.data_error() {
+                    Some(refusal) => Ok(Some(refusal)),
+                    None => Err(format!("storing order {}: {store_error}", order.order_id)),
+                }
+            }
+        }
         if let Some(gate) = &context.args.delete_gate {
             gate.acquire()
                 .await
                 .map_err(|error| error.to_string())?
                 .forget();
         }
-        Ok::<(), String>(())
+        Ok::<Option<String>, String>(None)
     };
     tokio::pin!(work);
     let renew_every =
         Duration::from_secs((context.args.visibility_timeout_seconds.max(2) / 2) as u64);
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
-    loop {
+    let refused = loop {
         tokio::select! {
             result = &mut work => break result?,
             _ = heartbeat.tick() => {
@@ -357,6 +339,10 @@ async fn process_message(context: &TaskContext, message: Message) -> Result<(), 
                 metrics::counter!(names::SQS_VISIBILITY_EXTENSIONS).increment(1);
             }
         }
+    };
+    if let Some(refusal) = refused {
+        leave_for_redelivery(context, &message, "store refused the order", &refusal).await;
+        return Ok(());
     }
     context
         .client
@@ -366,9 +352,126 @@ async fn process_message(context: &TaskContext, message: Message) -> Result<(), 
         .send()
         .await
         .map_err(|error| classify(&context.args.settings, "delete message", error).to_string())?;
+    context
+        .failures_by_message
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .forget(&message_id);
     context.processed.fetch_add(1, Ordering::Relaxed);
     context.deleted.fetch_add(1, Ordering::Relaxed);
     metrics::counter!(names::SQS_PROCESSED).increment(1);
     metrics::counter!(names::SQS_DELETED).increment(1);
     Ok(())
+}
+
+/// Counts a failed receive and makes the message visible again after the
+/// retry delay. Never deletes it: after `maxReceiveCount` receives the broker
+/// moves it to the dead-letter queue.
+async fn leave_for_redelivery(context: &TaskContext, message: &Message, what: &str, reason: &str) {
+    let message_id = message.message_id().unwrap_or_default();
+    let receipt = message.receipt_handle().unwrap_or_default();
+    let receive_count = message
+        .attributes()
+        .and_then(|attributes| attributes.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+        .cloned()
+        .unwrap_or_default();
+    warn!(%message_id, %reason, receive_count, "{what}; leaving it for redelivery");
+    context.failed_receives.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(names::SQS_FAILED_RECEIVES).increment(1);
+    context
+        .failures_by_message
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .failed(message_id);
+    if let Err(error) = context
+        .client
+        .change_message_visibility()
+        .queue_url(&context.queue_url)
+        .receipt_handle(receipt)
+        .visibility_timeout(context.args.retry_delay_seconds)
+        .send()
+        .await
+    {
+        warn!(%message_id, error = %classify(&context.args.settings, "change visibility", error), "cannot shorten visibility");
+    }
+}
+
+/// The most message ids whose failures are remembered.
+pub const MAX_TRACKED_FAILURES: usize = 10_000;
+
+/// Failed receives per message id, at most `capacity` ids: when full, the
+/// half whose last failure is oldest is forgotten.
+#[derive(Debug)]
+pub struct FailureLog {
+    capacity: usize,
+    /// Per id: failures, and when the last one was (a sequence number).
+    entries: HashMap<String, (u32, u64)>,
+    next_sequence: u64,
+}
+
+impl FailureLog {
+    /// An empty log holding at most `capacity` ids.
+    pub fn new(capacity: usize) -> FailureLog {
+        FailureLog {
+            capacity: capacity.max(2),
+            entries: HashMap::new(),
+            next_sequence: 0,
+        }
+    }
+
+    /// Counts one failed receive of `message_id`.
+    pub fn failed(&mut self, message_id: &str) {
+        self.next_sequence += 1;
+        let entry = self.entries.entry(message_id.to_string()).or_insert((0, 0));
+        entry.0 += 1;
+        entry.1 = self.next_sequence;
+        if self.entries.len() > self.capacity {
+            let mut sequences: Vec<u64> = self
+                .entries
+                .values()
+                .map(|(_, sequence)| *sequence)
+                .collect();
+            sequences.sort_unstable();
+            let keep_from = sequences[sequences.len() - self.capacity / 2];
+            self.entries
+                .retain(|_, (_, sequence)| *sequence >= keep_from);
+        }
+    }
+
+    /// Forgets a message (deleted: it will not come back).
+    pub fn forget(&mut self, message_id: &str) {
+        self.entries.remove(message_id);
+    }
+
+    /// Failures per message id.
+    pub fn counts(&self) -> HashMap<String, u32> {
+        self.entries
+            .iter()
+            .map(|(id, (count, _))| (id.clone(), *count))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FailureLog;
+
+    #[test]
+    fn the_failure_log_stays_bounded_and_keeps_the_newest() {
+        let mut log = FailureLog::new(100);
+        log.failed("poison");
+        log.failed("poison");
+        for index in 0..10_000 {
+            log.failed(&format!("message-{index}"));
+            assert!(log.counts().len() <= 100);
+        }
+        let counts = log.counts();
+        assert!(counts.contains_key("message-9999"));
+        assert!(!counts.contains_key("poison"), "oldest forgotten");
+        log.failed("again");
+        log.failed("again");
+        assert_eq!(log.counts()["again"], 2);
+        log.forget("again");
+        assert!(!log.counts().contains_key("again"));
+    }
 }

@@ -319,6 +319,14 @@ pub struct ProcessorConfig {
         value_delimiter = ','
     )]
     pub accepted_schema_versions: Vec<String>,
+    /// The largest record value accepted, in bytes; a larger one is
+    /// dead-lettered as record_too_large (1024..=104857600).
+    #[arg(long, env = "MAX_RECORD_BYTES", default_value_t = stream_actors::parse::DEFAULT_MAX_RECORD_BYTES)]
+    pub max_record_bytes: usize,
+    /// The longest text field (event_type, user_id) accepted, in bytes; a
+    /// longer one is dead-lettered as field_too_long (16..=1048576).
+    #[arg(long, env = "MAX_FIELD_BYTES", default_value_t = stream_actors::parse::DEFAULT_MAX_FIELD_BYTES)]
+    pub max_field_bytes: usize,
     /// Consumer group session timeout in milliseconds: how soon a dead
     /// processor's partitions move to the others (6000..=300000, the range
     /// Kafka's group.min/max.session.timeout.ms accept by default).
@@ -433,6 +441,18 @@ impl ProcessorConfig {
             accepted_schema_versions.push(version);
         }
         in_range(
+            self.max_record_bytes,
+            1024..=100 * 1024 * 1024,
+            "--max-record-bytes",
+            "MAX_RECORD_BYTES",
+        )?;
+        in_range(
+            self.max_field_bytes,
+            16..=1024 * 1024,
+            "--max-field-bytes",
+            "MAX_FIELD_BYTES",
+        )?;
+        in_range(
             self.max_restarts,
             0..=1000,
             "--max-restarts",
@@ -452,6 +472,8 @@ impl ProcessorConfig {
             mailbox_capacity: self.mailbox_capacity,
             commit_interval: Duration::from_millis(self.commit_interval_ms),
             accepted_schema_versions,
+            max_record_bytes: self.max_record_bytes,
+            max_field_bytes: self.max_field_bytes,
             session_timeout: Duration::from_millis(self.session_timeout_ms),
             group_instance_id,
             ..self.connections.pipeline_config()

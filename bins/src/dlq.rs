@@ -9,6 +9,8 @@
 //!   is replayed at most once (the table `dlq_replays` remembers), and one
 //!   whose replay count already reached `max_replays` is not selected, so a
 //!   record that is still poison lands back in the DLQ once and stays there.
+//!   Envelopes (`dlq.envelope`: the topic refused the record whole, so only a
+//!   prefix or its hash is there) are never replayed.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,7 +21,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde::Serialize;
-use stream_actors::dlq_writer::REPLAY_COUNT_HEADER;
+use stream_actors::dlq_writer::{ENVELOPE_HEADER, REPLAY_COUNT_HEADER};
 use stream_actors::storage::connect_postgres;
 
 use crate::config::ConnectionArgs;
@@ -203,6 +205,9 @@ pub struct ReplayOutcome {
     pub skipped_already_replayed: u64,
     /// Passed the filter but reached the replay limit.
     pub skipped_replay_limit: u64,
+    /// Passed the filter but are envelopes (`dlq.envelope`): the topic
+    /// refused the record whole, so its original bytes are not there to replay.
+    pub skipped_envelopes: u64,
     /// Records published to the source topic.
     pub published: u64,
 }
@@ -251,7 +256,9 @@ pub async fn replay(
             .header(REPLAY_COUNT_HEADER)
             .and_then(|text| text.parse().ok())
             .unwrap_or(0);
-        if done.contains(&(record.partition, record.offset)) {
+        if record.header(ENVELOPE_HEADER).is_some() {
+            outcome.skipped_envelopes += 1;
+        } else if done.contains(&(record.partition, record.offset)) {
             outcome.skipped_already_replayed += 1;
         } else if replay_count >= max_replays {
             outcome.skipped_replay_limit += 1;

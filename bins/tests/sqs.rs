@@ -173,6 +173,56 @@ async fn poison_is_received_max_receive_count_times_then_redriven_and_valid_orde
     );
 }
 
+/// An order the parser accepts and PostgreSQL refuses (a NUL in a text
+/// field, SQLSTATE 22021) is a failed message like any poison: left for
+/// redelivery, redriven by the broker, and the consumer keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_the_store_refuses_is_redriven_and_the_consumer_keeps_running() {
+    let env = queue_env("refused", 2).await;
+    for index in 0..5 {
+        env.send(&order(index)).await;
+    }
+    let refused_body = order(99).replace("c-99", "c-\\u0000-99");
+    assert!(
+        stream_actors::order::parse_order(&refused_body).is_ok(),
+        "the parser accepts it; only the store refuses it"
+    );
+    let refused_id = env.send(&refused_body).await;
+
+    let handle = start_solo("sqs_consumer", SqsConsumerActor, env.arguments())
+        .await
+        .expect("consumer starts");
+    let first_child = handle.child().expect("child running").get_id();
+    wait_until(
+        "the refused order to be redriven",
+        Duration::from_secs(60),
+        || async {
+            assert_eq!(
+                *handle.exit.borrow(),
+                PipelineExit::Running,
+                "the consumer must not exit over one order"
+            );
+            let current = status(&handle).await;
+            current.redriven == 1 && current.deleted == 5
+        },
+    )
+    .await;
+    let final_status = status(&handle).await;
+    assert_eq!(
+        final_status.failures_by_message.get(&refused_id),
+        Some(&2),
+        "{final_status:?}"
+    );
+    assert_eq!(final_status.failures_by_message.len(), 1);
+    assert_eq!(
+        handle.child().expect("child running").get_id(),
+        first_child,
+        "never restarted"
+    );
+    assert_eq!(handle.shutdown().await, PipelineExit::Stopped);
+    assert_eq!(env.order_rows().await, 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_killed_between_store_and_delete_stores_no_duplicate() {
     let env = queue_env("crash", 3).await;

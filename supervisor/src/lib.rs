@@ -267,19 +267,6 @@ impl Shared {
         .await?;
         started.push(committer.get_cell());
         kafka_consumer.context().attach_committer(committer.clone());
-        let sink_bound = MailboxBound::new("sink", config.mailbox_capacity);
-        let (sink, _) = Actor::spawn_linked(
-            None,
-            SinkActor,
-            SinkArgs {
-                config: config.clone(),
-                committer: committer.clone(),
-                faults: self.faults.clone(),
-            },
-            supervisor.clone(),
-        )
-        .await?;
-        started.push(sink.get_cell());
         let dlq_bound = MailboxBound::new("dlq_writer", config.mailbox_capacity);
         let (dlq_writer, _) = Actor::spawn_linked(
             None,
@@ -297,9 +284,25 @@ impl Shared {
         )
         .await?;
         started.push(dlq_writer.get_cell());
+        let sink_bound = MailboxBound::new("sink", config.mailbox_capacity);
+        let (sink, _) = Actor::spawn_linked(
+            None,
+            SinkActor,
+            SinkArgs {
+                config: config.clone(),
+                committer: committer.clone(),
+                dlq_writer: dlq_bound.sender_for(dlq_writer.clone()),
+                faults: self.faults.clone(),
+            },
+            supervisor.clone(),
+        )
+        .await?;
+        started.push(sink.get_cell());
         let parser_bound = MailboxBound::new("parser", config.mailbox_capacity);
         let mut rules = ParseRules::with_now(0);
         rules.accepted_schema_versions = config.accepted_schema_versions.clone();
+        rules.max_record_bytes = config.max_record_bytes;
+        rules.max_field_bytes = config.max_field_bytes;
         let (parser, _) = Actor::spawn_linked(
             None,
             ParserActor,

@@ -354,7 +354,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<i32> {
                 "would replay (dry run; --execute to publish)"
             };
             println!(
-                "{verb}: {} to {} {:?}; skipped: {} already replayed, {} at the replay limit",
+                "{verb}: {} to {} {:?}; skipped: {} already replayed, {} at the replay limit, {} envelopes (not the original bytes)",
                 if execute {
                     outcome.published
                 } else {
@@ -363,7 +363,8 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<i32> {
                 connections.topic,
                 outcome.selected_by_error_type,
                 outcome.skipped_already_replayed,
-                outcome.skipped_replay_limit
+                outcome.skipped_replay_limit,
+                outcome.skipped_envelopes
             );
         }
     }
