@@ -103,15 +103,29 @@ impl Form {
     }
 }
 
-/// What a dead letter carries in `form`: key, value and the headers that
-/// describe what was left out.
+/// What a dead letter carries.
+#[derive(Debug)]
+pub struct DeadLetterBody<'a> {
+    /// The key, or a prefix of it.
+    pub key: Option<&'a [u8]>,
+    /// The value, or a prefix of it.
+    pub payload: Option<&'a [u8]>,
+    /// Headers that describe what was left out (none for [`Form::Whole`]).
+    pub headers: Vec<(String, String)>,
+}
+
+/// What a dead letter carries in `form`.
 pub fn dead_letter_body<'a>(
     key: Option<&'a [u8]>,
     payload: Option<&'a [u8]>,
     form: Form,
-) -> (Option<&'a [u8]>, Option<&'a [u8]>, Vec<(String, String)>) {
+) -> DeadLetterBody<'a> {
     let Some(label) = form.label() else {
-        return (key, payload, Vec::new());
+        return DeadLetterBody {
+            key,
+            payload,
+            headers: Vec::new(),
+        };
     };
     let mut headers = vec![(ENVELOPE_HEADER.to_string(), label.to_string())];
     let mut keep = |name: &str, bytes: Option<&'a [u8]>, limit: usize| {
@@ -125,7 +139,11 @@ pub fn dead_letter_body<'a>(
     };
     let key = keep("key", key, ENVELOPE_KEY_BYTES);
     let payload = keep("payload", payload, ENVELOPE_PAYLOAD_BYTES);
-    (key, payload, headers)
+    DeadLetterBody {
+        key,
+        payload,
+        headers,
+    }
 }
 
 /// Whether a producer error means the topic will never take this record as
@@ -300,7 +318,11 @@ impl DlqWriterState {
                 &failed_at,
                 &replay_count,
             ];
-            let (key, payload, envelope) = dead_letter_body(
+            let DeadLetterBody {
+                key,
+                payload,
+                headers: envelope,
+            } = dead_letter_body(
                 record.raw.key.as_deref(),
                 record.raw.payload.as_deref(),
                 *form,
@@ -497,7 +519,11 @@ mod tests {
 
     #[test]
     fn whole_dead_letters_carry_the_original_bytes() {
-        let (key, payload, headers) = dead_letter_body(Some(b"k"), Some(b"v"), Form::Whole);
+        let DeadLetterBody {
+            key,
+            payload,
+            headers,
+        } = dead_letter_body(Some(b"k"), Some(b"v"), Form::Whole);
         assert_eq!((key, payload), (Some(&b"k"[..]), Some(&b"v"[..])));
         assert!(headers.is_empty());
     }
@@ -535,7 +561,7 @@ mod tests {
         ) {
             let payload = payload_len.map(|len| vec![fill; len]);
             let form = if headers_only { Form::HeadersOnly } else { Form::PayloadPrefix };
-            let (kept_key, kept_payload, headers) =
+            let DeadLetterBody { key: kept_key, payload: kept_payload, headers } =
                 dead_letter_body(key.as_deref(), payload.as_deref(), form);
             prop_assert_eq!(header(&headers, ENVELOPE_HEADER), form.label());
             for (name, original, kept, limit) in [
