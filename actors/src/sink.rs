@@ -142,14 +142,19 @@ impl SinkState {
             }
             attempt += 1;
             let mut failures = Vec::new();
+            let mut buffer_changed = false;
             for (store, write_error) in self.try_write(&mut done).await {
                 let Some(store_message) = write_error.data_error() else {
                     failures.push((store, write_error));
                     continue;
                 };
                 warn!(?store, %store_message, records = self.buffer.len(), "a store refused the batch as data; bisecting it");
-                match self.bisect(store, store_message).await {
+                // The refusal was of the batch as it was: if the other
+                // store's bisection took records out, it may not hold now.
+                let known_error = (!buffer_changed).then_some(store_message);
+                match self.bisect(store, known_error).await {
                     Ok(found) => {
+                        buffer_changed |= !found.is_empty();
                         done.set(store);
                         let other = store.other();
                         if done.get(other) {
@@ -288,10 +293,10 @@ impl SinkState {
     async fn bisect(
         &mut self,
         store: Store,
-        store_message: String,
+        known_error: Option<String>,
     ) -> Result<Vec<PoisonRecord>, PipelineError> {
         let buffer = std::mem::take(&mut self.buffer);
-        let search = self.find_refused(store, &buffer, store_message).await;
+        let search = self.find_refused(store, &buffer, known_error).await;
         self.buffer = buffer;
         let mut refused_at = search?;
         refused_at.sort_by_key(|(index, _)| std::cmp::Reverse(*index));
@@ -317,16 +322,19 @@ impl SinkState {
     }
 
     /// The bisection itself: the indexes of `records` that `store` refuses,
-    /// each with the store's message. `first_error`: the whole of `records`
-    /// is known to fail with it.
+    /// each with the store's message. `known_error`: the whole of `records`
+    /// is known to fail with it (`None`: not known, write it first).
     async fn find_refused(
         &mut self,
         store: Store,
         records: &[ValidRecord],
-        first_error: String,
+        known_error: Option<String>,
     ) -> Result<Vec<(usize, String)>, PipelineError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
         // Ranges still to look at, each with its error if it is known to fail.
-        let mut ranges = vec![(0, records.len(), Some(first_error))];
+        let mut ranges = vec![(0, records.len(), known_error)];
         let mut refused_at = Vec::new();
         while let Some((start, end, known_error)) = ranges.pop() {
             let error = match known_error {
@@ -354,6 +362,12 @@ impl SinkState {
     /// One attempt: both stores at once, each unless it already holds the
     /// batch. Returns what failed (nothing: both hold it).
     async fn try_write(&mut self, done: &mut Written) -> Vec<(Store, PipelineError)> {
+        if self.buffer.is_empty() {
+            // Every record was refused: nothing left to write.
+            done.set(Store::Postgres);
+            done.set(Store::ClickHouse);
+            return Vec::new();
+        }
         let SinkState {
             args,
             postgres,

@@ -423,9 +423,9 @@ async fn hostile_records_are_stored_or_dead_lettered_once_and_never_stall_the_pi
 
 /// Records the parser accepts and a store refuses as data (a PostgreSQL check
 /// constraint, SQLSTATE 23514; a ClickHouse column expression that throws,
-/// code 395) are found by bisecting the batch and dead-lettered from the sink;
-/// the rest of their batches is stored, and a refused record is in neither
-/// store even where the other store took it.
+/// code 395, and records both refuse) are found by bisecting the batch and
+/// dead-lettered from the sink; the rest of their batches is stored, and a
+/// refused record is in neither store even where the other store took it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_a_store_refuses_are_bisected_out_and_dead_lettered_from_the_sink() {
     let env = TestEnv::new("refused", 3).await;
@@ -437,18 +437,18 @@ async fn records_a_store_refuses_are_bisected_out_and_dead_lettered_from_the_sin
         .await
         .unwrap();
     postgres
-        .batch_execute("ALTER TABLE events ADD CONSTRAINT refuse_marked CHECK (user_id <> 'refused-by-postgres')")
+        .batch_execute("ALTER TABLE events ADD CONSTRAINT refuse_marked CHECK (user_id NOT IN ('refused-by-postgres', 'refused-by-both'))")
         .await
         .unwrap();
     stream_actors::storage::ClickHouseEvents::client(&env.config)
-        .query("ALTER TABLE events ADD COLUMN refuse_marked UInt8 MATERIALIZED throwIf(user_id = 'refused-by-clickhouse')")
+        .query("ALTER TABLE events ADD COLUMN refuse_marked UInt8 MATERIALIZED throwIf(user_id IN ('refused-by-clickhouse', 'refused-by-both'))")
         .execute()
         .await
         .unwrap();
 
     let mut refused: Vec<Hostile> = Vec::new();
     for index in 0..6 {
-        for store in ["postgres", "clickhouse"] {
+        for store in ["postgres", "clickhouse", "both"] {
             refused.push((
                 format!("refused-{store}-{index}").into_bytes(),
                 Some(event("\"purchase\"", &format!("\"refused-by-{store}\""), "3.5").into_bytes()),
@@ -457,9 +457,9 @@ async fn records_a_store_refuses_are_bisected_out_and_dead_lettered_from_the_sin
         }
     }
     let background = env.produce_in_background(4000, 0, 0.0, 21);
-    produce_raw(&env, &refused[..6]).await;
+    produce_raw(&env, &refused[..9]).await;
     let first = background.await.unwrap();
-    produce_raw(&env, &refused[6..]).await;
+    produce_raw(&env, &refused[9..]).await;
     let second = env.produce(2000, 0.0, 22).await;
 
     env.wait_for_catch_up(Duration::from_secs(180)).await;
@@ -492,12 +492,18 @@ async fn records_a_store_refuses_are_bisected_out_and_dead_lettered_from_the_sin
             "{key}"
         );
         let message = dead.header("dlq.error.message").unwrap();
-        let expected = if key.contains("postgres") {
-            "postgres SQLSTATE 23514"
+        let expected: &[&str] = if key.contains("postgres") {
+            &["postgres SQLSTATE 23514"]
+        } else if key.contains("clickhouse") {
+            &["clickhouse Code: 395"]
         } else {
-            "clickhouse Code: 395"
+            // Refused by both: whichever store found it first.
+            &["postgres SQLSTATE 23514", "clickhouse Code: 395"]
         };
-        assert!(message.starts_with(expected), "{key}: {message}");
+        assert!(
+            expected.iter().any(|prefix| message.starts_with(prefix)),
+            "{key}: {message}"
+        );
         let original = refused
             .iter()
             .find(|(refused_key, _, _)| refused_key == key.as_bytes())
