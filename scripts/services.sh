@@ -13,6 +13,8 @@
 #   stop S  stop one service (kafka, postgres, clickhouse, sqs); `up` restarts it
 #   start S start one installed service (kafka: the broker only, no topics)
 #   kill kafka  SIGKILL the broker (a crash; `start kafka` brings it back)
+#   freeze S / thaw S  SIGSTOP / SIGCONT postgres or clickhouse: a hung server
+#              that keeps its connections open and answers nothing
 #
 # State (logs, pid files, data, venv) lives in $ROOT/.services/.
 set -euo pipefail
@@ -661,6 +663,32 @@ cmd_stop() {
     esac
 }
 
+# A hung server (the timeout tests): every process of the service stopped
+# with SIGSTOP, its sockets open, nothing answered; `thaw` resumes it.
+cmd_freeze() { signal_service STOP "$@"; }
+cmd_thaw() { signal_service CONT "$@"; }
+
+signal_service() { # STOP|CONT service
+    local signal="$1" pid
+    case "${2:-}" in
+        postgres)
+            # The postmaster and every backend: all processes named postgres
+            # (this machine runs one cluster).
+            pgrep -x postgres >/dev/null || die "postgres: not running"
+            as_root pkill "-$signal" -x postgres
+            ;;
+        clickhouse)
+            pid="$(pid_of "$CH_PID" clickhouse-server)" || die "clickhouse: not running"
+            kill "-$signal" "$pid"
+            ;;
+        *)
+            echo "usage: $0 freeze|thaw postgres|clickhouse" >&2
+            exit 2
+            ;;
+    esac
+    log "${2}: SIG$signal"
+}
+
 cmd_status() {
     local rc=0
     kafka_status || rc=1
@@ -677,8 +705,10 @@ case "${1:-}" in
     stop) shift; cmd_stop "$@" ;;
     start) shift; cmd_start "$@" ;;
     kill) shift; cmd_kill "$@" ;;
+    freeze) shift; cmd_freeze "$@" ;;
+    thaw) shift; cmd_thaw "$@" ;;
     *)
-        echo "usage: $0 up|down|status|stop <service>|start <service>|kill kafka" >&2
+        echo "usage: $0 up|down|status|stop <service>|start <service>|kill kafka|freeze <service>|thaw <service>" >&2
         exit 2
         ;;
 esac

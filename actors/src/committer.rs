@@ -52,6 +52,8 @@ pub struct CommitterArgs {
     pub commit_interval: Duration,
     /// Injected faults.
     pub faults: Arc<Faults>,
+    /// What this actor tells the watchdog.
+    pub progress: Arc<crate::progress::Progress>,
 }
 
 /// How long a revoke waits for the revoked partitions' work in flight.
@@ -284,7 +286,9 @@ impl Actor for CommitterActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let _working = state.args.progress.working();
         state.args.faults.panic_if_armed("committer");
+        state.args.faults.hang_if_armed("committer").await;
         match message {
             CommitterMsg::Track(positions) => {
                 for position in positions {

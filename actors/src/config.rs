@@ -33,6 +33,14 @@ pub struct PipelineConfig {
     pub commit_interval: Duration,
     /// Schema versions the parser accepts.
     pub accepted_schema_versions: Vec<u32>,
+    /// The longest one call to PostgreSQL or ClickHouse may take (connect,
+    /// statement, insert): past it the call fails, the breaker counts it and
+    /// the connection is made again.
+    pub service_timeout: Duration,
+    /// The watchdog's limit: an actor that holds a message this long without
+    /// progress is hung and is restarted (at least three service timeouts:
+    /// a reconnect and a statement must fit).
+    pub stall_timeout: Duration,
     /// The largest record value the parser accepts, in bytes.
     pub max_record_bytes: usize,
     /// The longest text field the parser accepts, in bytes.
@@ -72,6 +80,8 @@ impl PipelineConfig {
             mailbox_capacity: 8,
             commit_interval: Duration::from_millis(200),
             accepted_schema_versions: vec![1],
+            service_timeout: crate::storage::DEFAULT_SERVICE_TIMEOUT,
+            stall_timeout: Duration::from_secs(60),
             max_record_bytes: crate::parse::DEFAULT_MAX_RECORD_BYTES,
             max_field_bytes: crate::parse::DEFAULT_MAX_FIELD_BYTES,
             session_timeout: Duration::from_millis(6000),

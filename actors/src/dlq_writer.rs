@@ -200,6 +200,8 @@ pub struct DlqWriterArgs {
     pub dedup: bool,
     /// Injected faults.
     pub faults: Arc<Faults>,
+    /// What this actor tells the watchdog.
+    pub progress: Arc<crate::progress::Progress>,
 }
 
 /// Messages the DLQ writer handles.
@@ -418,7 +420,9 @@ impl Actor for DlqWriterActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let _working = state.args.progress.working();
         state.args.faults.panic_if_armed("dlq_writer");
+        state.args.faults.hang_if_armed("dlq_writer").await;
         match message {
             DlqWriterMsg::Assigned(assigned) => {
                 if !state.args.dedup {
@@ -433,10 +437,11 @@ impl Actor for DlqWriterActor {
                     state.args.dlq_topic.clone(),
                     state.args.source_topic.clone(),
                 );
-                let found = tokio::task::spawn_blocking(move || {
+                // Bounded by the read-back's own deadline.
+                let read = tokio::task::spawn_blocking(move || {
                     read_back(&brokers, &dlq_topic, &source_topic, &floors)
-                })
-                .await??;
+                });
+                let found = state.args.progress.protect(read).await??;
                 let partitions: HashSet<i32> =
                     assigned.iter().map(|(partition, _)| *partition).collect();
                 state
@@ -479,14 +484,20 @@ impl Actor for DlqWriterActor {
                     .collect();
                 let mut backoff = FIRST_BACKOFF;
                 loop {
-                    let (failed, must_wait) = state.produce(pending).await;
+                    // Bounded by the producer's message.timeout.ms.
+                    let (failed, must_wait) =
+                        state.args.progress.protect(state.produce(pending)).await;
                     pending = failed;
                     if pending.is_empty() {
                         break;
                     }
                     // A smaller form goes again at once; anything else waits.
                     if must_wait {
-                        tokio::time::sleep(backoff).await;
+                        state
+                            .args
+                            .progress
+                            .protect(tokio::time::sleep(backoff))
+                            .await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                 }

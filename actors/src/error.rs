@@ -34,6 +34,17 @@ pub enum PipelineError {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    /// A service did not answer in time (a hung server, a stalled network):
+    /// a failure like any other, so the breaker and the supervisor see it.
+    #[error("{service}: {what}: no answer within {after:?}")]
+    Timeout {
+        /// `postgres` or `clickhouse`.
+        service: &'static str,
+        /// What we were doing.
+        what: String,
+        /// The limit that passed.
+        after: std::time::Duration,
+    },
     /// A downstream actor has stopped.
     #[error(transparent)]
     Mailbox(#[from] MailboxError),
@@ -92,6 +103,23 @@ pub fn clickhouse_error_code(message: &str) -> Option<u32> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(rest.len());
     rest[..digits].parse().ok()
+}
+
+/// Runs `call`, failing with [`PipelineError::Timeout`] once `limit` passes.
+/// Dropping the call abandons it (its connection is dropped by the caller).
+pub async fn within<T>(
+    limit: std::time::Duration,
+    service: &'static str,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, PipelineError>>,
+) -> Result<T, PipelineError> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(PipelineError::Timeout {
+            service,
+            what: what.to_string(),
+            after: limit,
+        })
+    })
 }
 
 impl PipelineError {

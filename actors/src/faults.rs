@@ -5,6 +5,8 @@
 //! - **Panics**: [`Faults::arm_panic`] makes the named actor panic at the start
 //!   of its next message (ractor turns the panic into `ActorFailed`, exactly as
 //!   a bug would). The admin endpoint's `POST /actors/<name>/panic` arms it.
+//! - **Hangs**: [`Faults::arm_hang`] makes the named actor hold its next
+//!   message forever (`POST /actors/<name>/hang`): the watchdog's case.
 //! - **Crash points**: `STREAM_CRASH_AT=<point>:<n>` aborts the whole process
 //!   (no unwinding, no cleanup: the same as a SIGKILL) the n-th time the
 //!   pipeline reaches `point`. The points are the windows where a crash is most
@@ -48,6 +50,8 @@ impl CrashPoint {
 pub struct Faults {
     /// Actors that panic on their next message.
     armed_panics: Mutex<HashSet<String>>,
+    /// Actors that hang (never finish) on their next message.
+    armed_hangs: Mutex<HashSet<String>>,
     /// The crash point and on which arrival to crash.
     crash: Option<(CrashPoint, u64)>,
     /// Arrivals at the crash point so far.
@@ -97,6 +101,30 @@ impl Faults {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
             .insert(actor.to_string());
+    }
+
+    /// Makes `actor` hang at the start of its next message: it holds the
+    /// message forever without progress, as a future that never completes
+    /// would (what the watchdog is for).
+    pub fn arm_hang(&self, actor: &str) {
+        self.armed_hangs
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .insert(actor.to_string());
+    }
+
+    /// Called by each actor at the start of a message: never returns if a
+    /// hang is armed.
+    pub async fn hang_if_armed(&self, actor: &str) {
+        let armed = self
+            .armed_hangs
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .remove(actor);
+        if armed {
+            tracing::warn!(actor, "injected hang: holding this message forever");
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Called by each actor at the start of a message: panics if armed.

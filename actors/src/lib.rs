@@ -16,7 +16,8 @@
 //! - [`sqs`], [`sqs_consumer`], [`order`]: the SQS side: queue plumbing, the
 //!   consumer actor whose poison the broker redrives, and the order parser.
 //! - [`breaker`]: the sink's circuit breaker per store.
-//! - [`faults`]: injected panics and crash points for the recovery tests and demo.
+//! - [`faults`]: injected panics, hangs and crash points for the recovery tests and demo.
+//! - [`progress`]: what each actor tells the watchdog (busy, progress).
 //! - [`topic`]: reading a topic back (true end offsets, every record).
 //! - [`config`], [`error`], [`metrics`]: configuration, the error type, metric names.
 
@@ -33,6 +34,7 @@ pub mod models;
 pub mod order;
 pub mod parse;
 pub mod parser;
+pub mod progress;
 pub mod sink;
 pub mod sqs;
 pub mod sqs_consumer;

@@ -40,6 +40,9 @@ pub const SQS_REDRIVEN: &str = "sqs_messages_redriven";
 /// Actor restarts by a supervisor (counter, label `actor`). Exported at 0 from
 /// the start so `increase()` sees the first restart.
 pub const ACTOR_RESTARTS: &str = "stream_actor_restarts_total";
+/// Actors the watchdog found holding a message without progress past the
+/// stall limit, and restarted (counter, label `actor`; exported at 0).
+pub const ACTOR_STALLS: &str = "stream_actor_stalls_total";
 /// Visibility extensions for slow work (counter).
 pub const SQS_VISIBILITY_EXTENSIONS: &str = "sqs_visibility_extensions_total";
 /// Seconds from the Kafka record timestamp to the sink's acknowledgement (histogram).

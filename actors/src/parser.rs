@@ -32,6 +32,8 @@ pub struct ParserArgs {
     pub dlq_writer: BoundedSender<DlqWriterMsg>,
     /// Injected faults.
     pub faults: std::sync::Arc<crate::faults::Faults>,
+    /// What this actor tells the watchdog.
+    pub progress: std::sync::Arc<crate::progress::Progress>,
 }
 
 /// Messages the parser handles.
@@ -94,7 +96,9 @@ impl Actor for ParserActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let _working = state.args.progress.working();
         state.args.faults.panic_if_armed("parser");
+        state.args.faults.hang_if_armed("parser").await;
         match message {
             ParserMsg::Parse { records, permit } => {
                 state.args.rules.now_ms = SystemTime::now()
@@ -102,25 +106,24 @@ impl Actor for ParserActor {
                     .map(|elapsed| elapsed.as_millis() as i64)
                     .unwrap_or_default();
                 let (valid, poison) = split_batch(records, &state.args.rules);
+                // A full mailbox downstream is backpressure, not a hang.
+                let progress = &state.args.progress;
                 if !valid.is_empty() {
-                    state
-                        .args
-                        .sink
-                        .send(|sink_permit| SinkMsg::Store {
-                            records: valid,
-                            permit: sink_permit,
-                        })
-                        .await?;
+                    let send = state.args.sink.send(|sink_permit| SinkMsg::Store {
+                        records: valid,
+                        permit: sink_permit,
+                    });
+                    progress.protect(send).await?;
                 }
                 if !poison.is_empty() {
-                    state
+                    let send = state
                         .args
                         .dlq_writer
                         .send(|dlq_permit| DlqWriterMsg::Write {
                             records: poison,
                             permit: dlq_permit,
-                        })
-                        .await?;
+                        });
+                    progress.protect(send).await?;
                 }
                 drop(permit);
             }

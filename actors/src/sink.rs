@@ -58,6 +58,8 @@ pub struct SinkArgs {
     pub dlq_writer: BoundedSender<DlqWriterMsg>,
     /// Injected faults.
     pub faults: Arc<Faults>,
+    /// What this actor tells the watchdog.
+    pub progress: Arc<crate::progress::Progress>,
 }
 
 /// Messages the sink handles.
@@ -137,10 +139,12 @@ impl SinkState {
                 .wait()
                 .max(self.clickhouse_breaker.wait());
             if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
+                let progress = self.args.progress.clone();
+                progress.protect(tokio::time::sleep(wait)).await;
                 continue;
             }
             attempt += 1;
+            self.args.progress.record();
             let mut failures = Vec::new();
             let mut buffer_changed = false;
             for (store, write_error) in self.try_write(&mut done).await {
@@ -191,6 +195,7 @@ impl SinkState {
                 self.breaker(store).failed();
             }
             // Closed breaker: a short pause before trying again.
+            self.args.progress.record();
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         if attempt > 1 {
@@ -202,13 +207,11 @@ impl SinkState {
         }
         if !refused.is_empty() {
             let count = refused.len();
-            self.args
-                .dlq_writer
-                .send(|permit| DlqWriterMsg::Write {
-                    records: refused,
-                    permit,
-                })
-                .await?;
+            let send = self.args.dlq_writer.send(|permit| DlqWriterMsg::Write {
+                records: refused,
+                permit,
+            });
+            self.args.progress.protect(send).await?;
             warn!(
                 refused = count,
                 "records refused by a store were dead-lettered"
@@ -260,8 +263,10 @@ impl SinkState {
     async fn postgres(&mut self) -> Result<&PostgresEvents, PipelineError> {
         if self.postgres.is_none() {
             let config = &self.args.config;
-            self.postgres =
-                Some(PostgresEvents::connect(&config.postgres_url, config.dedup).await?);
+            self.postgres = Some(
+                PostgresEvents::connect(&config.postgres_url, config.dedup, config.service_timeout)
+                    .await?,
+            );
         }
         Ok(self.postgres.as_ref().expect("connected above"))
     }
@@ -277,9 +282,12 @@ impl SinkState {
             records = positions.len(),
             "removing records the other store refused"
         );
+        // Bounded by its own deadline (a ClickHouse mutation can take longer
+        // than one call).
+        let progress = self.args.progress.clone();
         match store {
             Store::Postgres => self.postgres().await?.remove(positions).await.map(|_| ()),
-            Store::ClickHouse => self.clickhouse.remove(positions).await,
+            Store::ClickHouse => progress.protect(self.clickhouse.remove(positions)).await,
         }
     }
 
@@ -337,6 +345,7 @@ impl SinkState {
         let mut ranges = vec![(0, records.len(), known_error)];
         let mut refused_at = Vec::new();
         while let Some((start, end, known_error)) = ranges.pop() {
+            self.args.progress.record();
             let error = match known_error {
                 Some(message) => Some(message),
                 None => match self.write_to(store, &records[start..end]).await {
@@ -381,7 +390,13 @@ impl SinkState {
             }
             if postgres.is_none() {
                 let config = &args.config;
-                match PostgresEvents::connect(&config.postgres_url, config.dedup).await {
+                match PostgresEvents::connect(
+                    &config.postgres_url,
+                    config.dedup,
+                    config.service_timeout,
+                )
+                .await
+                {
                     Ok(connected) => *postgres = Some(connected),
                     Err(connect_error) => return Some(Err(connect_error)),
                 }
@@ -462,8 +477,12 @@ impl Actor for SinkActor {
         for store in ["postgres", "clickhouse"] {
             metrics::counter!(names::SINK_RETRIES, "store" => store).increment(0);
         }
-        let postgres =
-            PostgresEvents::connect(&args.config.postgres_url, args.config.dedup).await?;
+        let postgres = PostgresEvents::connect(
+            &args.config.postgres_url,
+            args.config.dedup,
+            args.config.service_timeout,
+        )
+        .await?;
         let clickhouse = ClickHouseEvents::connect(&args.config).await?;
         Ok(SinkState {
             buffer: Vec::with_capacity(args.config.batch_size),
@@ -483,7 +502,9 @@ impl Actor for SinkActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let _working = state.args.progress.working();
         state.args.faults.panic_if_armed("sink");
+        state.args.faults.hang_if_armed("sink").await;
         match message {
             SinkMsg::Store { records, permit } => {
                 state.buffer.extend(records);

@@ -10,6 +10,7 @@
 //!   before the merge. Works on ClickHouse 18.16 and on current releases.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio_postgres::{Client, NoTls};
@@ -17,24 +18,45 @@ use tracing::warn;
 use uuid::Uuid;
 
 use crate::config::PipelineConfig;
-use crate::error::PipelineError;
+use crate::error::{within, PipelineError};
 use crate::models::{SourcePosition, ValidRecord};
 
-/// Opens a PostgreSQL connection and drives it on the runtime.
+/// The longest one call to PostgreSQL or ClickHouse may take unless the
+/// configuration says otherwise (`--service-timeout-ms`).
+pub const DEFAULT_SERVICE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a PostgreSQL connection and drives it on the runtime; a server that
+/// does not answer within [`DEFAULT_SERVICE_TIMEOUT`] is an error.
 pub async fn connect_postgres(url: &str) -> Result<Client, PipelineError> {
-    let (client, connection) =
-        tokio_postgres::connect(url, NoTls)
+    let what = format!("connect to {}", redact_url(url));
+    within(DEFAULT_SERVICE_TIMEOUT, "postgres", &what, async {
+        let (client, connection) = tokio_postgres::connect(url, NoTls)
             .await
-            .map_err(PipelineError::postgres(format!(
-                "connect to {}",
-                redact_url(url)
-            )))?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            warn!(%error, "postgres connection closed");
-        }
-    });
-    Ok(client)
+            .map_err(PipelineError::postgres(what.clone()))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                warn!(%error, "postgres connection closed");
+            }
+        });
+        Ok(client)
+    })
+    .await
+}
+
+/// A connection for the pipeline's own statements: connecting and every
+/// statement are bounded by `limit`, on the server too (`statement_timeout`),
+/// so a hung server is an error the breaker sees, never a wait forever.
+pub async fn connect_postgres_within(url: &str, limit: Duration) -> Result<Client, PipelineError> {
+    let what = format!("connect to {}", redact_url(url));
+    within(limit, "postgres", &what, async {
+        let client = connect_postgres(url).await?;
+        client
+            .batch_execute(&format!("SET statement_timeout = {}", limit.as_millis()))
+            .await
+            .map_err(PipelineError::postgres("set statement_timeout"))?;
+        Ok(client)
+    })
+    .await
 }
 
 /// Runs `CREATE TABLE IF NOT EXISTS ...` under a transaction-scoped advisory
@@ -68,12 +90,19 @@ pub struct PostgresEvents {
     client: Client,
     /// Whether `event_id` is unique (see [`PipelineConfig::dedup`]).
     dedup: bool,
+    /// The longest one statement may take.
+    timeout: Duration,
 }
 
 impl PostgresEvents {
-    /// Connects and creates the table if it is missing.
-    pub async fn connect(url: &str, dedup: bool) -> Result<PostgresEvents, PipelineError> {
-        let client = connect_postgres(url).await?;
+    /// Connects and creates the table if it is missing; every call is
+    /// bounded by `timeout`.
+    pub async fn connect(
+        url: &str,
+        dedup: bool,
+        timeout: Duration,
+    ) -> Result<PostgresEvents, PipelineError> {
+        let client = connect_postgres_within(url, timeout).await?;
         let key = if dedup { "PRIMARY KEY" } else { "" };
         create_table(
             &client,
@@ -93,7 +122,11 @@ impl PostgresEvents {
         )
         .await
         .map_err(PipelineError::postgres("create table events"))?;
-        Ok(PostgresEvents { client, dedup })
+        Ok(PostgresEvents {
+            client,
+            dedup,
+            timeout,
+        })
     }
 
     /// Stores a batch in one statement; events already there are skipped.
@@ -120,15 +153,28 @@ impl PostgresEvents {
         } else {
             ""
         };
-        self.client
-            .execute(
-                &format!("INSERT INTO events (event_id, event_type, user_id, amount, ts_ms, schema_version, source_partition, source_offset)
+        let statement = format!("INSERT INTO events (event_id, event_type, user_id, amount, ts_ms, schema_version, source_partition, source_offset)
                  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::int8[], $6::int4[], $7::int4[], $8::int8[])
-                 {on_conflict}"),
-                &[&event_ids, &event_types, &user_ids, &amounts, &timestamps, &schema_versions, &partitions, &offsets],
-            )
-            .await
-            .map_err(PipelineError::postgres("insert events batch"))
+                 {on_conflict}");
+        within(self.timeout, "postgres", "insert events batch", async {
+            self.client
+                .execute(
+                    &statement,
+                    &[
+                        &event_ids,
+                        &event_types,
+                        &user_ids,
+                        &amounts,
+                        &timestamps,
+                        &schema_versions,
+                        &partitions,
+                        &offsets,
+                    ],
+                )
+                .await
+                .map_err(PipelineError::postgres("insert events batch"))
+        })
+        .await
     }
 }
 
@@ -137,14 +183,17 @@ impl PostgresEvents {
     /// store refused, which are dead-lettered instead). Returns how many went.
     pub async fn remove(&self, positions: &[SourcePosition]) -> Result<u64, PipelineError> {
         let (partitions, offsets) = split_positions(positions.iter().copied());
-        self.client
-            .execute(
-                "DELETE FROM events WHERE (source_partition, source_offset) IN
-                 (SELECT * FROM UNNEST($1::int4[], $2::int8[]))",
-                &[&partitions, &offsets],
-            )
-            .await
-            .map_err(PipelineError::postgres("delete refused records"))
+        within(self.timeout, "postgres", "delete refused records", async {
+            self.client
+                .execute(
+                    "DELETE FROM events WHERE (source_partition, source_offset) IN
+                     (SELECT * FROM UNNEST($1::int4[], $2::int8[]))",
+                    &[&partitions, &offsets],
+                )
+                .await
+                .map_err(PipelineError::postgres("delete refused records"))
+        })
+        .await
     }
 }
 
@@ -172,6 +221,8 @@ struct ClickHouseEventRow<'a> {
 pub struct ClickHouseEvents {
     /// HTTP client bound to the configured database.
     client: clickhouse::Client,
+    /// The longest one call may take.
+    timeout: Duration,
 }
 
 impl ClickHouseEvents {
@@ -191,15 +242,17 @@ impl ClickHouseEvents {
         client
     }
 
-    /// Creates the table if it is missing.
+    /// Creates the table if it is missing; every call is bounded by
+    /// `config.service_timeout`.
     pub async fn connect(config: &PipelineConfig) -> Result<ClickHouseEvents, PipelineError> {
         let client = ClickHouseEvents::client(config);
+        let timeout = config.service_timeout;
         let engine = if config.dedup {
             "ReplacingMergeTree()"
         } else {
             "MergeTree()"
         };
-        client
+        let create = client
             .query(&format!(
                 "CREATE TABLE IF NOT EXISTS events (
                     event_id String,
@@ -213,17 +266,32 @@ impl ClickHouseEvents {
                     stored_at DateTime DEFAULT now()
                 ) ENGINE = {engine} ORDER BY event_id",
             ))
-            .execute()
-            .await
-            .map_err(PipelineError::clickhouse(format!(
-                "create table {}.events at {}",
-                config.clickhouse_database, config.clickhouse_url
-            )))?;
-        Ok(ClickHouseEvents { client })
+            .execute();
+        let what = format!(
+            "create table {}.events at {}",
+            config.clickhouse_database, config.clickhouse_url
+        );
+        within(timeout, "clickhouse", &what, async {
+            create
+                .await
+                .map_err(PipelineError::clickhouse(what.clone()))
+        })
+        .await?;
+        Ok(ClickHouseEvents { client, timeout })
     }
 
-    /// Stores a batch in one INSERT.
+    /// Stores a batch in one INSERT, within the timeout.
     pub async fn write(&self, records: &[ValidRecord]) -> Result<(), PipelineError> {
+        within(
+            self.timeout,
+            "clickhouse",
+            "insert events batch",
+            self.insert(records),
+        )
+        .await
+    }
+
+    async fn insert(&self, records: &[ValidRecord]) -> Result<(), PipelineError> {
         let mut insert = self
             .client
             .insert::<ClickHouseEventRow<'_>>("events")
@@ -257,6 +325,16 @@ impl ClickHouseEvents {
     /// store refused) and waits until the deletion is done: a mutation, as
     /// ClickHouse 18.16 has no other DELETE. Rare: only hostile input gets here.
     pub async fn remove(&self, positions: &[SourcePosition]) -> Result<(), PipelineError> {
+        within(
+            self.timeout + MUTATION_DEADLINE,
+            "clickhouse",
+            "delete refused records",
+            self.delete(positions),
+        )
+        .await
+    }
+
+    async fn delete(&self, positions: &[SourcePosition]) -> Result<(), PipelineError> {
         let tuples: Vec<String> = positions
             .iter()
             .map(|position| format!("({}, {})", position.partition, position.offset))
@@ -303,7 +381,7 @@ pub struct PostgresOrders {
 impl PostgresOrders {
     /// Connects and creates the table if it is missing.
     pub async fn connect(url: &str) -> Result<PostgresOrders, PipelineError> {
-        let client = connect_postgres(url).await?;
+        let client = connect_postgres_within(url, DEFAULT_SERVICE_TIMEOUT).await?;
         create_table(
             &client,
             "CREATE TABLE IF NOT EXISTS orders (
@@ -327,21 +405,23 @@ impl PostgresOrders {
         order: &crate::order::Order,
         message_id: &str,
     ) -> Result<bool, PipelineError> {
-        let inserted = self
-            .client
-            .execute(
-                "INSERT INTO orders (order_id, customer_id, amount, currency, sqs_message_id)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (order_id) DO NOTHING",
-                &[
-                    &order.order_id,
-                    &order.customer_id,
-                    &order.amount,
-                    &order.currency,
-                    &message_id,
-                ],
-            )
-            .await
-            .map_err(PipelineError::postgres("insert order"))?;
+        let inserted = within(DEFAULT_SERVICE_TIMEOUT, "postgres", "insert order", async {
+            self.client
+                .execute(
+                    "INSERT INTO orders (order_id, customer_id, amount, currency, sqs_message_id)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (order_id) DO NOTHING",
+                    &[
+                        &order.order_id,
+                        &order.customer_id,
+                        &order.amount,
+                        &order.currency,
+                        &message_id,
+                    ],
+                )
+                .await
+                .map_err(PipelineError::postgres("insert order"))
+        })
+        .await?;
         Ok(inserted == 1)
     }
 
@@ -357,14 +437,18 @@ impl PostgresOrders {
 /// PostgreSQL restart pauses checkpoints instead of ending them.
 pub struct CheckpointStore {
     url: String,
+    /// The longest connecting or one statement may take: the lock is never
+    /// held longer, so a hung server cannot freeze the committer.
+    timeout: Duration,
     /// A dedicated connection; `None` after a failure.
     client: tokio::sync::Mutex<Option<Client>>,
 }
 
 impl CheckpointStore {
-    /// Connects and creates the table if it is missing.
-    pub async fn connect(url: &str) -> Result<CheckpointStore, PipelineError> {
-        let client = connect_postgres(url).await?;
+    /// Connects and creates the table if it is missing; every call is
+    /// bounded by `timeout`.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<CheckpointStore, PipelineError> {
+        let client = connect_postgres_within(url, timeout).await?;
         create_table(
             &client,
             "CREATE TABLE IF NOT EXISTS pipeline_checkpoints (
@@ -380,6 +464,7 @@ impl CheckpointStore {
         .map_err(PipelineError::postgres("create table pipeline_checkpoints"))?;
         Ok(CheckpointStore {
             url: url.to_string(),
+            timeout,
             client: tokio::sync::Mutex::new(Some(client)),
         })
     }
@@ -396,9 +481,15 @@ impl CheckpointStore {
     {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(connect_postgres(&self.url).await?);
+            *guard = Some(connect_postgres_within(&self.url, self.timeout).await?);
         }
-        let result = work(guard.as_ref().expect("connected above")).await;
+        let result = within(
+            self.timeout,
+            "postgres",
+            "checkpoint statement",
+            work(guard.as_ref().expect("connected above")),
+        )
+        .await;
         if result.is_err() {
             *guard = None;
         }

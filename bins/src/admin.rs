@@ -4,11 +4,12 @@
 //! | request | answer |
 //! |---|---|
 //! | `GET /metrics` | Prometheus exposition |
-//! | `GET /healthz` | 200 while the supervisor runs (liveness) |
+//! | `GET /healthz` | 200 while the supervisor runs and answers and no actor is hung; 503 when an actor holds a message without progress past the stall limit (liveness) |
 //! | `GET /readyz` | 200 while all five actors run, 503 while restarting or stopping (readiness) |
 //! | `GET /status` | JSON: ready, generation, restarts per actor, mailboxes, committer |
 //! | `POST /actors/<name>/kill` | kills the actor; the supervisor restarts the pipeline from the checkpoint |
 //! | `POST /actors/<name>/panic` | makes the actor panic at its next message |
+//! | `POST /actors/<name>/hang` | makes the actor hold its next message forever (the watchdog's case) |
 //!
 //! A deliberately small HTTP/1.0 server: one request per connection, no body.
 
@@ -40,6 +41,7 @@ pub fn status_json(status: &PipelineStatus) -> serde_json::Value {
         "ready": status.ready,
         "generation": status.generation,
         "restarts": status.restarts,
+        "stalled": status.stalled,
         "mailboxes": status.mailboxes.iter().map(|mailbox| json!({
             "actor": mailbox.actor,
             "depth": mailbox.depth,
@@ -54,6 +56,23 @@ pub fn status_json(status: &PipelineStatus) -> serde_json::Value {
             "persisted": status.committer.persisted,
         },
     })
+}
+
+/// Liveness: unhealthy while an actor is hung (the watchdog restarts it;
+/// if that keeps happening the restart intensity ends the process).
+pub fn health(status: &PipelineStatus) -> (u16, &'static str, String) {
+    if status.stalled.is_empty() {
+        (200, TEXT, "ok\n".to_string())
+    } else {
+        (
+            503,
+            TEXT,
+            format!(
+                "stalled: {} holding a message without progress\n",
+                status.stalled.join(", ")
+            ),
+        )
+    }
 }
 
 /// Serves the endpoint on an already bound listener until the process ends.
@@ -126,8 +145,13 @@ async fn route(method: &str, path: &str, target: &AdminTarget) -> (u16, &'static
     let status = || async { ractor::call_t!(target.supervisor, PipelineMsg::Status, 5_000).ok() };
     match (method, path) {
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", target.metrics.render()),
-        ("GET", "/healthz") if running => (200, TEXT, "ok\n".to_string()),
-        ("GET", "/healthz") => (503, TEXT, "pipeline stopped\n".to_string()),
+        ("GET", "/healthz") if !running => (503, TEXT, "pipeline stopped\n".to_string()),
+        ("GET", "/healthz") => {
+            match ractor::call_t!(target.supervisor, PipelineMsg::Status, 3_000) {
+                Ok(status) => health(&status),
+                Err(_) => (503, TEXT, "supervisor not answering\n".to_string()),
+            }
+        }
         ("GET", "/readyz") => match status().await {
             Some(status) if status.ready => (200, TEXT, "ready\n".to_string()),
             Some(_) => (503, TEXT, "restarting\n".to_string()),
@@ -143,11 +167,13 @@ async fn route(method: &str, path: &str, target: &AdminTarget) -> (u16, &'static
             let mode = match parts.next() {
                 Some("kill") => KillMode::Kill,
                 Some("panic") => KillMode::Panic,
+                Some("hang") => KillMode::Hang,
                 _ => {
                     return (
                         404,
                         TEXT,
-                        "use POST /actors/<name>/kill or /actors/<name>/panic\n".to_string(),
+                        "use POST /actors/<name>/kill, /actors/<name>/panic or /actors/<name>/hang\n"
+                            .to_string(),
                     )
                 }
             };
@@ -173,8 +199,30 @@ async fn route(method: &str, path: &str, target: &AdminTarget) -> (u16, &'static
         _ => (
             404,
             TEXT,
-            "endpoints: GET /metrics /healthz /readyz /status, POST /actors/<name>/kill|panic\n"
+            "endpoints: GET /metrics /healthz /readyz /status, POST /actors/<name>/kill|panic|hang\n"
                 .to_string(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_fails_while_an_actor_is_stalled() {
+        let mut status = PipelineStatus {
+            ready: true,
+            mailboxes: Vec::new(),
+            committer: Default::default(),
+            restarts: Default::default(),
+            generation: 1,
+            stalled: Vec::new(),
+        };
+        assert_eq!(health(&status).0, 200);
+        status.stalled = vec!["sink"];
+        let (code, _, body) = health(&status);
+        assert_eq!(code, 503);
+        assert!(body.contains("stalled: sink"), "{body}");
     }
 }

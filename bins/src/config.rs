@@ -319,6 +319,16 @@ pub struct ProcessorConfig {
         value_delimiter = ','
     )]
     pub accepted_schema_versions: Vec<String>,
+    /// Milliseconds one call to PostgreSQL or ClickHouse may take (connect,
+    /// statement, insert, delete); past it the call fails like any other, so
+    /// the circuit breaker opens on a hung server (100..=600000).
+    #[arg(long, env = "SERVICE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub service_timeout_ms: u64,
+    /// Milliseconds an actor may hold a message without progress before the
+    /// watchdog restarts it as hung, and /healthz fails meanwhile (1000..=3600000,
+    /// and at least three --service-timeout-ms).
+    #[arg(long, env = "STALL_TIMEOUT_MS", default_value_t = 60_000)]
+    pub stall_timeout_ms: u64,
     /// The largest record value accepted, in bytes; a larger one is
     /// dead-lettered as record_too_large (1024..=104857600).
     #[arg(long, env = "MAX_RECORD_BYTES", default_value_t = stream_actors::parse::DEFAULT_MAX_RECORD_BYTES)]
@@ -441,6 +451,29 @@ impl ProcessorConfig {
             accepted_schema_versions.push(version);
         }
         in_range(
+            self.service_timeout_ms,
+            100..=600_000,
+            "--service-timeout-ms",
+            "SERVICE_TIMEOUT_MS",
+        )?;
+        in_range(
+            self.stall_timeout_ms,
+            1_000..=3_600_000,
+            "--stall-timeout-ms",
+            "STALL_TIMEOUT_MS",
+        )?;
+        if self.stall_timeout_ms < 3 * self.service_timeout_ms {
+            return Err(invalid(
+                "--stall-timeout-ms",
+                "STALL_TIMEOUT_MS",
+                format!(
+                    "must be at least three --service-timeout-ms ({} ms): a reconnect and a statement must fit; got {}",
+                    3 * self.service_timeout_ms,
+                    self.stall_timeout_ms
+                ),
+            ));
+        }
+        in_range(
             self.max_record_bytes,
             1024..=100 * 1024 * 1024,
             "--max-record-bytes",
@@ -472,6 +505,8 @@ impl ProcessorConfig {
             mailbox_capacity: self.mailbox_capacity,
             commit_interval: Duration::from_millis(self.commit_interval_ms),
             accepted_schema_versions,
+            service_timeout: Duration::from_millis(self.service_timeout_ms),
+            stall_timeout: Duration::from_millis(self.stall_timeout_ms),
             max_record_bytes: self.max_record_bytes,
             max_field_bytes: self.max_field_bytes,
             session_timeout: Duration::from_millis(self.session_timeout_ms),

@@ -88,10 +88,32 @@ fn help_explains_the_settings() {
         "--linger-ms",
         "--mailbox-capacity",
         "--metrics-addr",
+        "--service-timeout-ms",
+        "--stall-timeout-ms",
+        "--max-record-bytes",
+        "--max-field-bytes",
         "KAFKA_BROKERS",
     ] {
         assert!(help.contains(setting), "help lacks {setting}");
     }
+}
+
+#[test]
+fn a_stall_limit_shorter_than_three_service_timeouts_is_refused() {
+    let output = run_with_deadline(
+        PROCESSOR,
+        &[
+            "--service-timeout-ms",
+            "5000",
+            "--stall-timeout-ms",
+            "10000",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("--stall-timeout-ms"), "{stderr}");
+    assert!(stderr.contains("15000"), "{stderr}");
 }
 
 #[test]

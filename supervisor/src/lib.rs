@@ -46,6 +46,7 @@ use stream_actors::faults::Faults;
 use stream_actors::mailbox::{MailboxBound, MailboxError, MailboxStats};
 use stream_actors::parse::ParseRules;
 use stream_actors::parser::{ParserActor, ParserArgs};
+use stream_actors::progress::Progress;
 use stream_actors::sink::{SinkActor, SinkArgs};
 use stream_actors::storage::CheckpointStore;
 use stream_actors::PipelineConfig;
@@ -112,6 +113,8 @@ pub enum KillMode {
     Kill,
     /// Make it panic at the start of its next message.
     Panic,
+    /// Make it hold its next message forever (the watchdog restarts it).
+    Hang,
 }
 
 /// Messages the pipeline supervisor handles.
@@ -125,6 +128,8 @@ pub enum PipelineMsg {
     Kill(String, KillMode, RpcReplyPort<Result<String, String>>),
     /// The backoff is over: start the children again.
     Restart,
+    /// Time to look for hung actors.
+    Watchdog,
 }
 
 /// A snapshot of a running pipeline.
@@ -140,6 +145,9 @@ pub struct PipelineStatus {
     pub restarts: BTreeMap<&'static str, u64>,
     /// How many times the children were started (1 + restarts).
     pub generation: u64,
+    /// Actors holding a message without progress for more than half the
+    /// stall limit: `/healthz` fails; at the limit the watchdog restarts them.
+    pub stalled: Vec<&'static str>,
 }
 
 /// One mailbox's figures at a moment.
@@ -182,9 +190,25 @@ struct Children {
     all: Vec<ActorCell>,
     /// The data mailboxes' figures.
     mailboxes: Vec<Arc<MailboxStats>>,
+    /// What each actor tells the watchdog, in [`ACTORS`] order.
+    progress: Vec<Arc<Progress>>,
 }
 
 impl Children {
+    /// The actors holding a message without progress for longer than `limit`.
+    fn stalled(&self, limit: Duration) -> Vec<(usize, Duration)> {
+        self.progress
+            .iter()
+            .enumerate()
+            .filter_map(|(index, progress)| {
+                progress
+                    .stalled_for()
+                    .filter(|stalled| *stalled > limit)
+                    .map(|stalled| (index, stalled))
+            })
+            .collect()
+    }
+
     /// The role of a cell of this generation.
     fn role(&self, cell: &ActorCell) -> Option<&'static str> {
         self.all
@@ -251,6 +275,16 @@ impl Shared {
         started: &mut Vec<ActorCell>,
     ) -> Result<Children, ActorProcessingErr> {
         let config = &self.config;
+        // One per actor, in ACTORS order: consumer, parser, sink, dlq_writer, committer.
+        let progress: Vec<Arc<Progress>> =
+            ACTORS.iter().map(|_| Arc::new(Progress::new())).collect();
+        let progress_of = |actor: &str| {
+            progress[ACTORS
+                .iter()
+                .position(|name| *name == actor)
+                .expect("an actor")]
+            .clone()
+        };
         let (committer, _) = Actor::spawn_linked(
             None,
             CommitterActor,
@@ -261,6 +295,7 @@ impl Shared {
                 consumer: kafka_consumer.clone(),
                 commit_interval: config.commit_interval,
                 faults: self.faults.clone(),
+                progress: progress_of("committer"),
             },
             supervisor.clone(),
         )
@@ -279,6 +314,7 @@ impl Shared {
                 brokers: config.brokers.clone(),
                 dedup: config.dedup,
                 faults: self.faults.clone(),
+                progress: progress_of("dlq_writer"),
             },
             supervisor.clone(),
         )
@@ -293,6 +329,7 @@ impl Shared {
                 committer: committer.clone(),
                 dlq_writer: dlq_bound.sender_for(dlq_writer.clone()),
                 faults: self.faults.clone(),
+                progress: progress_of("sink"),
             },
             supervisor.clone(),
         )
@@ -311,6 +348,7 @@ impl Shared {
                 sink: sink_bound.sender_for(sink.clone()),
                 dlq_writer: dlq_bound.sender_for(dlq_writer.clone()),
                 faults: self.faults.clone(),
+                progress: progress_of("parser"),
             },
             supervisor.clone(),
         )
@@ -327,6 +365,7 @@ impl Shared {
                 committer: committer.clone(),
                 dlq_writer: dlq_writer.clone(),
                 faults: self.faults.clone(),
+                progress: progress_of("consumer"),
             },
             supervisor,
         )
@@ -344,6 +383,7 @@ impl Shared {
             committer,
             kafka_consumer,
             mailboxes: vec![parser_bound.stats(), sink_bound.stats(), dlq_bound.stats()],
+            progress,
         })
     }
 
@@ -472,7 +512,8 @@ impl Actor for PipelineSupervisor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let config = args.config;
         check_topics(&config.brokers, &[&config.topic, &config.dlq_topic])?;
-        let store = Arc::new(CheckpointStore::connect(&config.postgres_url).await?);
+        let store =
+            Arc::new(CheckpointStore::connect(&config.postgres_url, config.service_timeout).await?);
         let producer = create_dlq_producer(&config.brokers)?;
         let mut shared = Shared {
             config,
@@ -485,7 +526,10 @@ impl Actor for PipelineSupervisor {
         for actor in ACTORS {
             metrics::counter!(stream_actors::metrics::ACTOR_RESTARTS, "actor" => actor)
                 .increment(0);
+            metrics::counter!(stream_actors::metrics::ACTOR_STALLS, "actor" => actor).increment(0);
         }
+        let look_every = (shared.config.stall_timeout / 4).max(Duration::from_millis(100));
+        myself.send_interval(look_every, || PipelineMsg::Watchdog);
         metrics::counter!(stream_actors::metrics::PIPELINE_RESTARTS).increment(0);
         info!(topic = %shared.config.topic, group = %shared.config.group_id, "pipeline started");
         Ok(PipelineState {
@@ -542,6 +586,17 @@ impl Actor for PipelineSupervisor {
                     committer,
                     restarts: state.restarts.clone(),
                     generation: state.generation,
+                    stalled: state
+                        .children
+                        .as_ref()
+                        .map(|children| {
+                            children
+                                .stalled(state.shared.config.stall_timeout / 2)
+                                .into_iter()
+                                .map(|(index, _)| ACTORS[index])
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 });
             }
             PipelineMsg::Kill(actor, mode, reply) => {
@@ -565,6 +620,11 @@ impl Actor for PipelineSupervisor {
                             state.shared.faults.arm_panic(&actor);
                             Ok(format!("{actor} will panic at its next message"))
                         }
+                        KillMode::Hang => {
+                            warn!(actor, "actor will hang at its next message, on request");
+                            state.shared.faults.arm_hang(&actor);
+                            Ok(format!("{actor} will hang at its next message"))
+                        }
                     },
                 };
                 let _ = reply.send(outcome);
@@ -583,6 +643,27 @@ impl Actor for PipelineSupervisor {
                     Err(start_error) => {
                         let failure = format!("restart failed: {start_error}");
                         state.restart_after(&myself, "supervisor", failure).await;
+                    }
+                }
+            }
+            PipelineMsg::Watchdog => {
+                if state.shutting_down {
+                    return Ok(());
+                }
+                let limit = state.shared.config.stall_timeout;
+                if let Some(children) = &state.children {
+                    if let Some((index, stalled)) = children.stalled(limit).into_iter().next() {
+                        let actor = ACTORS[index];
+                        error!(
+                            actor,
+                            stalled_ms = stalled.as_millis() as u64,
+                            limit_ms = limit.as_millis() as u64,
+                            "actor holds a message without progress past the stall limit; restarting it as hung"
+                        );
+                        metrics::counter!(stream_actors::metrics::ACTOR_STALLS, "actor" => actor)
+                            .increment(1);
+                        // Its termination restarts the pipeline, counted against it.
+                        children.all[index].kill();
                     }
                 }
             }

@@ -65,6 +65,8 @@ pub struct ConsumerArgs {
     pub dlq_writer: ActorRef<DlqWriterMsg>,
     /// Injected faults.
     pub faults: Arc<crate::faults::Faults>,
+    /// What this actor tells the watchdog.
+    pub progress: Arc<crate::progress::Progress>,
 }
 
 /// Messages the consumer handles.
@@ -130,14 +132,16 @@ impl Actor for ConsumerActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let _working = state.args.progress.working();
         state.args.faults.panic_if_armed("consumer");
+        state.args.faults.hang_if_armed("consumer").await;
         match message {
             ConsumerMsg::Poll => {
                 let consumer = state.args.consumer.clone();
                 let batch_size = state.args.batch_size;
-                let records =
-                    tokio::task::spawn_blocking(move || poll_batch(&consumer, batch_size))
-                        .await??;
+                // Bounded by the poll's own wait and the rebalance deadlines.
+                let poll = tokio::task::spawn_blocking(move || poll_batch(&consumer, batch_size));
+                let records = state.args.progress.protect(poll).await??;
                 for notice in state.args.consumer.context().take_notices() {
                     match notice {
                         // Before any record of these partitions goes out.
@@ -159,11 +163,12 @@ impl Actor for ConsumerActor {
                     metrics::counter!(names::EVENTS_CONSUMED).increment(records.len() as u64);
                     let positions = records.iter().map(|record| record.position).collect();
                     state.args.committer.cast(CommitterMsg::Track(positions))?;
-                    state
+                    // A full parser mailbox is backpressure, not a hang.
+                    let send = state
                         .args
                         .parser
-                        .send(|permit| ParserMsg::Parse { records, permit })
-                        .await?;
+                        .send(|permit| ParserMsg::Parse { records, permit });
+                    state.args.progress.protect(send).await?;
                 }
                 myself.cast(ConsumerMsg::Poll)?;
             }

@@ -54,8 +54,12 @@ enum Command {
         /// The actor to kill.
         actor: String,
         /// Make it panic at its next message instead of killing it.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "hang")]
         panic: bool,
+        /// Make it hang at its next message (hold it forever without
+        /// progress): the watchdog restarts it after --stall-timeout-ms.
+        #[arg(long)]
+        hang: bool,
         /// The processor's admin address (its --metrics-addr).
         #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:9464")]
         admin: String,
@@ -236,9 +240,14 @@ async fn main() {
         Command::Kill {
             actor,
             panic,
+            hang,
             admin,
         } => {
-            let action = if panic { "panic" } else { "kill" };
+            let action = match (panic, hang) {
+                (true, _) => "panic",
+                (_, true) => "hang",
+                _ => "kill",
+            };
             admin_call(&admin, "POST", &format!("/actors/{actor}/{action}"))
         }
         Command::Chart {

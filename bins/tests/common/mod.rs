@@ -87,6 +87,22 @@ impl ProcessorProcess {
         total
     }
 
+    /// A counter or gauge from `/metrics`, summed over the series whose
+    /// labels contain `label` (e.g. `store="postgres"`).
+    pub fn metric_where(&self, name: &str, label: &str) -> Option<f64> {
+        let (_, body) = http_get(&self.admin, "/metrics").ok()?;
+        let mut total = None;
+        for line in body.lines().filter(|line| !line.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            if series.split('{').next() == Some(name) && series.contains(label) {
+                *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+            }
+        }
+        total
+    }
+
     /// SIGKILL: no drain, no last checkpoint.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
@@ -192,6 +208,49 @@ pub fn start_service(service: &str) {
         .status()
         .expect("services.sh start");
     assert!(started.success(), "services.sh start {service} failed");
+}
+
+/// A hung server: `scripts/services.sh freeze <service>` (SIGSTOP; its
+/// connections stay open and nothing answers). Thawed when dropped, even
+/// when the test fails half-way.
+pub struct Frozen {
+    service: &'static str,
+    thawed: bool,
+}
+
+impl Frozen {
+    /// Freezes `postgres` or `clickhouse`.
+    pub fn freeze(service: &'static str) -> Frozen {
+        let frozen = Command::new("bash")
+            .args([SERVICES_SH, "freeze", service])
+            .status()
+            .expect("services.sh freeze");
+        assert!(frozen.success(), "services.sh freeze {service} failed");
+        Frozen {
+            service,
+            thawed: false,
+        }
+    }
+
+    /// Resumes it.
+    pub fn thaw(&mut self) {
+        let thawed = Command::new("bash")
+            .args([SERVICES_SH, "thaw", self.service])
+            .status()
+            .expect("services.sh thaw");
+        assert!(thawed.success(), "services.sh thaw {} failed", self.service);
+        self.thawed = true;
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.thawed {
+            let _ = Command::new("bash")
+                .args([SERVICES_SH, "thaw", self.service])
+                .status();
+        }
+    }
 }
 
 /// The local Kafka broker SIGKILLed (`scripts/services.sh kill kafka`): a

@@ -1,0 +1,180 @@
+//! A hung store (SIGSTOP: its connections stay open and nothing answers) is
+//! a failure the pipeline sees: every call to PostgreSQL and ClickHouse is
+//! bounded by `--service-timeout-ms`, so the sink's write fails and the
+//! breaker opens, the committer's checkpoint fails and lets go of its lock,
+//! and once the server resumes the pipeline catches up with nothing lost or
+//! duplicated.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{audit, Frozen, ProcessorProcess, TestEnv};
+
+/// Polls `condition` every 200 ms for at most `deadline`; whether it held.
+async fn within(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_store_times_out_opens_the_breaker_and_the_pipeline_resumes_after_it() {
+    let env = TestEnv::new("hung", 3).await;
+    let mut processor = ProcessorProcess::start(&env, &[("SERVICE_TIMEOUT_MS", "1000")]);
+    processor.wait_ready(Duration::from_secs(60));
+    let production = env.produce_in_background(90_000, 1_500, 0.01, 31);
+
+    for (service, label) in [
+        ("postgres", "store=\"postgres\""),
+        ("clickhouse", "store=\"clickhouse\""),
+    ] {
+        assert!(
+            within(Duration::from_secs(60), || processor
+                .metric("stream_events_processed_total")
+                .is_some_and(|processed| processed > 0.0))
+            .await,
+            "nothing stored before the freeze:\n{}",
+            processor.log_tail()
+        );
+        let retries_before = processor
+            .metric_where("stream_sink_retries_total", label)
+            .unwrap_or(0.0);
+        let checkpoint_failures_before = processor
+            .metric("stream_checkpoint_failures_total")
+            .unwrap_or(0.0);
+        let mut frozen = Frozen::freeze(service);
+        // The write times out like any failure: retries counted, the
+        // breaker opens (2), and the process stays up.
+        let breaker_opened = within(Duration::from_secs(30), || {
+            processor
+                .metric_where("stream_circuit_breaker_state", label)
+                .is_some_and(|state| state >= 2.0)
+        })
+        .await;
+        assert!(
+            processor.child.try_wait().unwrap().is_none(),
+            "processor died:\n{}",
+            processor.log_tail()
+        );
+        let retries = processor
+            .metric_where("stream_sink_retries_total", label)
+            .unwrap_or(0.0);
+        assert!(
+            breaker_opened && retries > retries_before,
+            "{service} hung: breaker open {breaker_opened}, retries {retries_before} -> {retries}:\n{}",
+            processor.log_tail()
+        );
+        if service == "postgres" {
+            // The committer's checkpoint write times out too, instead of
+            // holding the checkpoint lock forever.
+            assert!(
+                within(Duration::from_secs(30), || processor
+                    .metric("stream_checkpoint_failures_total")
+                    .is_some_and(|failures| failures > checkpoint_failures_before))
+                .await,
+                "the checkpoint never failed while PostgreSQL hung:\n{}",
+                processor.log_tail()
+            );
+        }
+        frozen.thaw();
+        // Back: the breaker closes again.
+        assert!(
+            within(Duration::from_secs(90), || processor
+                .metric_where("stream_circuit_breaker_state", label)
+                == Some(0.0))
+            .await,
+            "{service}'s breaker did not close:\n{}",
+            processor.log_tail()
+        );
+    }
+
+    let ledger = production.await.expect("loadgen task");
+    env.wait_for_catch_up(Duration::from_secs(300)).await;
+    assert_eq!(processor.terminate(Duration::from_secs(60)), Some(0));
+    let audit = audit(&env).await;
+    assert!(audit.clean(), "{}", audit.render());
+    assert_eq!(audit.total.records, ledger.sent);
+    assert_eq!(audit.total.stored, ledger.valid, "{}", audit.render());
+    assert_eq!(audit.total.dead_lettered, ledger.poison);
+}
+
+/// An actor that holds a message forever (an injected hang: a future that
+/// never completes) fails `/healthz` from half the stall limit on, and the
+/// watchdog restarts the pipeline from the checkpoint at the limit, counted
+/// against that actor; nothing is lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_restarts_a_hung_actor_and_healthz_fails_meanwhile() {
+    let env = TestEnv::new("stall", 3).await;
+    let mut processor = ProcessorProcess::start(
+        &env,
+        &[("SERVICE_TIMEOUT_MS", "1000"), ("STALL_TIMEOUT_MS", "3000")],
+    );
+    processor.wait_ready(Duration::from_secs(60));
+    let production = env.produce_in_background(20_000, 2_000, 0.01, 41);
+    assert!(
+        within(Duration::from_secs(60), || processor
+            .metric("stream_events_processed_total")
+            .is_some_and(|processed| processed > 0.0))
+        .await,
+        "nothing stored:\n{}",
+        processor.log_tail()
+    );
+    assert!(matches!(
+        common::http_get(&processor.admin, "/healthz"),
+        Ok((200, _))
+    ));
+
+    let hang = std::process::Command::new(env!("CARGO_BIN_EXE_streamctl"))
+        .args(["kill", "parser", "--hang", "--admin", &processor.admin])
+        .output()
+        .expect("streamctl runs");
+    assert!(hang.status.success(), "{hang:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&hang.stdout).trim(),
+        "parser will hang at its next message"
+    );
+    let hung_at = Instant::now();
+    let mut unhealthy = None;
+    let restarted = within(Duration::from_secs(30), || {
+        if let Ok((503, body)) = common::http_get(&processor.admin, "/healthz") {
+            unhealthy.get_or_insert(body);
+        }
+        common::http_get(&processor.admin, "/status").is_ok_and(|(_, body)| {
+            serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|json| {
+                json["restarts"]["parser"] == 1 && json["generation"] == 2 && json["ready"] == true
+            })
+        })
+    })
+    .await;
+    assert!(restarted, "no restart:\n{}", processor.log_tail());
+    assert!(
+        hung_at.elapsed() >= Duration::from_millis(2_900),
+        "restarted before the stall limit: {:?}",
+        hung_at.elapsed()
+    );
+    let unhealthy = unhealthy.expect("/healthz never failed while the parser hung");
+    assert!(unhealthy.contains("stalled: parser"), "{unhealthy}");
+    assert_eq!(
+        processor.metric_where("stream_actor_stalls_total", "actor=\"parser\""),
+        Some(1.0)
+    );
+    assert!(matches!(
+        common::http_get(&processor.admin, "/healthz"),
+        Ok((200, _))
+    ));
+
+    let ledger = production.await.expect("loadgen task");
+    env.wait_for_catch_up(Duration::from_secs(300)).await;
+    assert_eq!(processor.terminate(Duration::from_secs(60)), Some(0));
+    let audit = audit(&env).await;
+    assert!(audit.clean(), "{}", audit.render());
+    assert_eq!(audit.total.records, ledger.sent);
+    assert_eq!(audit.total.stored, ledger.valid, "{}", audit.render());
+    assert_eq!(audit.total.dead_lettered, ledger.poison);
+}
