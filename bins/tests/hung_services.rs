@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{audit, Frozen, ProcessorProcess, TestEnv};
+use common::{assert_clean, audit, Frozen, ProcessorProcess, TestEnv};
 
 /// Polls `condition` every 200 ms for at most `deadline`; whether it held.
 async fn within(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
@@ -21,6 +21,19 @@ async fn within(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     false
+}
+
+/// Waits for loadgen and the catch-up, stops the processor (SIGTERM, exit 0)
+/// and audits: nothing lost, nothing duplicated.
+async fn finish(
+    env: &TestEnv,
+    mut processor: ProcessorProcess,
+    production: tokio::task::JoinHandle<loadgen::Ledger>,
+) {
+    let ledger = production.await.expect("loadgen task");
+    env.wait_for_catch_up(Duration::from_secs(300)).await;
+    assert_eq!(processor.terminate(Duration::from_secs(60)), Some(0));
+    assert_clean(&audit(env).await, &ledger);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,14 +107,7 @@ async fn a_hung_store_times_out_opens_the_breaker_and_the_pipeline_resumes_after
         );
     }
 
-    let ledger = production.await.expect("loadgen task");
-    env.wait_for_catch_up(Duration::from_secs(300)).await;
-    assert_eq!(processor.terminate(Duration::from_secs(60)), Some(0));
-    let audit = audit(&env).await;
-    assert!(audit.clean(), "{}", audit.render());
-    assert_eq!(audit.total.records, ledger.sent);
-    assert_eq!(audit.total.stored, ledger.valid, "{}", audit.render());
-    assert_eq!(audit.total.dead_lettered, ledger.poison);
+    finish(&env, processor, production).await;
 }
 
 /// An actor that holds a message forever (an injected hang: a future that
@@ -169,12 +175,5 @@ async fn the_watchdog_restarts_a_hung_actor_and_healthz_fails_meanwhile() {
         Ok((200, _))
     ));
 
-    let ledger = production.await.expect("loadgen task");
-    env.wait_for_catch_up(Duration::from_secs(300)).await;
-    assert_eq!(processor.terminate(Duration::from_secs(60)), Some(0));
-    let audit = audit(&env).await;
-    assert!(audit.clean(), "{}", audit.render());
-    assert_eq!(audit.total.records, ledger.sent);
-    assert_eq!(audit.total.stored, ledger.valid, "{}", audit.render());
-    assert_eq!(audit.total.dead_lettered, ledger.poison);
+    finish(&env, processor, production).await;
 }

@@ -32,18 +32,6 @@ fn now_seconds() -> f64 {
         .as_secs_f64()
 }
 
-fn assert_clean(audit: &stream_bins::audit::Audit, ledger: &loadgen::Ledger) {
-    assert!(audit.clean(), "{}", audit.render());
-    assert_eq!(audit.total.records, ledger.sent, "{}", audit.render());
-    assert_eq!(audit.total.stored, ledger.valid, "{}", audit.render());
-    assert_eq!(
-        audit.total.dead_lettered,
-        ledger.poison,
-        "{}",
-        audit.render()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_sigkills_during_a_200k_run_lose_nothing_and_store_nothing_twice() {
     const EVENTS: u64 = 200_000;

@@ -160,6 +160,20 @@ pub async fn audit(env: &TestEnv) -> stream_bins::audit::Audit {
         .expect("audit runs")
 }
 
+/// The audit is clean and accounts for exactly what loadgen sent: every
+/// valid event stored once, every poison record dead-lettered once.
+pub fn assert_clean(audit: &stream_bins::audit::Audit, ledger: &loadgen::Ledger) {
+    assert!(audit.clean(), "{}", audit.render());
+    assert_eq!(audit.total.records, ledger.sent, "{}", audit.render());
+    assert_eq!(audit.total.stored, ledger.valid, "{}", audit.render());
+    assert_eq!(
+        audit.total.dead_lettered,
+        ledger.poison,
+        "{}",
+        audit.render()
+    );
+}
+
 /// Stops a local service for an outage test and starts it again when
 /// dropped, even when the test fails half-way.
 pub struct Outage {
