@@ -62,6 +62,7 @@ async fn a_hung_store_times_out_opens_the_breaker_and_the_pipeline_resumes_after
             .metric("stream_checkpoint_failures_total")
             .unwrap_or(0.0);
         let mut frozen = Frozen::freeze(service);
+        let frozen_at = Instant::now();
         // The write times out like any failure: retries counted, the
         // breaker opens (2), and the process stays up.
         let breaker_opened = within(Duration::from_secs(30), || {
@@ -70,6 +71,10 @@ async fn a_hung_store_times_out_opens_the_breaker_and_the_pipeline_resumes_after
                 .is_some_and(|state| state >= 2.0)
         })
         .await;
+        eprintln!(
+            "{service} frozen: breaker open after {:.1} s",
+            frozen_at.elapsed().as_secs_f64()
+        );
         assert!(
             processor.child.try_wait().unwrap().is_none(),
             "processor died:\n{}",
@@ -159,6 +164,10 @@ async fn the_watchdog_restarts_a_hung_actor_and_healthz_fails_meanwhile() {
     })
     .await;
     assert!(restarted, "no restart:\n{}", processor.log_tail());
+    eprintln!(
+        "parser hung: restarted after {:.1} s (stall limit 3 s)",
+        hung_at.elapsed().as_secs_f64()
+    );
     assert!(
         hung_at.elapsed() >= Duration::from_millis(2_900),
         "restarted before the stall limit: {:?}",
