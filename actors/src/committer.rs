@@ -287,8 +287,7 @@ impl Actor for CommitterActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let _working = state.args.progress.working();
-        state.args.faults.panic_if_armed("committer");
-        state.args.faults.hang_if_armed("committer").await;
+        state.args.faults.at_message_start("committer").await;
         match message {
             CommitterMsg::Track(positions) => {
                 for position in positions {

@@ -421,8 +421,7 @@ impl Actor for DlqWriterActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let _working = state.args.progress.working();
-        state.args.faults.panic_if_armed("dlq_writer");
-        state.args.faults.hang_if_armed("dlq_writer").await;
+        state.args.faults.at_message_start("dlq_writer").await;
         match message {
             DlqWriterMsg::Assigned(assigned) => {
                 if !state.args.dedup {

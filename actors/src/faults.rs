@@ -1,18 +1,19 @@
 //! Fault injection, for the kill-and-watch demo and the recovery tests.
 //!
-//! Two kinds, both off unless asked for:
+//! Off unless asked for:
 //!
-//! - **Panics**: [`Faults::arm_panic`] makes the named actor panic at the start
-//!   of its next message (ractor turns the panic into `ActorFailed`, exactly as
-//!   a bug would). The admin endpoint's `POST /actors/<name>/panic` arms it.
-//! - **Hangs**: [`Faults::arm_hang`] makes the named actor hold its next
-//!   message forever (`POST /actors/<name>/hang`): the watchdog's case.
+//! - **Armed faults** ([`Faults::arm`], checked by every actor at the start of
+//!   each message in [`Faults::at_message_start`]): a panic (ractor turns it
+//!   into `ActorFailed`, exactly as a bug would; `POST /actors/<name>/panic`)
+//!   or a hang (the actor holds the message forever without progress, as a
+//!   future that never completes would: the watchdog's case;
+//!   `POST /actors/<name>/hang`).
 //! - **Crash points**: `STREAM_CRASH_AT=<point>:<n>` aborts the whole process
 //!   (no unwinding, no cleanup: the same as a SIGKILL) the n-th time the
 //!   pipeline reaches `point`. The points are the windows where a crash is most
 //!   likely to duplicate or lose something: [`CrashPoint`].
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -45,13 +46,20 @@ impl CrashPoint {
     }
 }
 
+/// A fault for an actor's next message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Injected {
+    /// Panic at the start of it.
+    Panic,
+    /// Hold it forever without progress.
+    Hang,
+}
+
 /// The pipeline's injected faults, shared by the supervisor and every actor.
 #[derive(Debug, Default)]
 pub struct Faults {
-    /// Actors that panic on their next message.
-    armed_panics: Mutex<HashSet<String>>,
-    /// Actors that hang (never finish) on their next message.
-    armed_hangs: Mutex<HashSet<String>>,
+    /// Faults armed for an actor's next message.
+    armed: Mutex<HashMap<String, Injected>>,
     /// The crash point and on which arrival to crash.
     crash: Option<(CrashPoint, u64)>,
     /// Arrivals at the crash point so far.
@@ -95,47 +103,29 @@ impl Faults {
         })
     }
 
-    /// Makes `actor` panic at the start of its next message.
-    pub fn arm_panic(&self, actor: &str) {
-        self.armed_panics
+    /// Arms `fault` for `actor`'s next message.
+    pub fn arm(&self, actor: &str, fault: Injected) {
+        self.armed
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
-            .insert(actor.to_string());
+            .insert(actor.to_string(), fault);
     }
 
-    /// Makes `actor` hang at the start of its next message: it holds the
-    /// message forever without progress, as a future that never completes
-    /// would (what the watchdog is for).
-    pub fn arm_hang(&self, actor: &str) {
-        self.armed_hangs
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .insert(actor.to_string());
-    }
-
-    /// Called by each actor at the start of a message: never returns if a
-    /// hang is armed.
-    pub async fn hang_if_armed(&self, actor: &str) {
+    /// Called by each actor at the start of a message: fires the fault armed
+    /// for it, once (a panic, or a wait that never ends).
+    pub async fn at_message_start(&self, actor: &str) {
         let armed = self
-            .armed_hangs
+            .armed
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
             .remove(actor);
-        if armed {
-            tracing::warn!(actor, "injected hang: holding this message forever");
-            std::future::pending::<()>().await;
-        }
-    }
-
-    /// Called by each actor at the start of a message: panics if armed.
-    pub fn panic_if_armed(&self, actor: &str) {
-        let armed = self
-            .armed_panics
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .remove(actor);
-        if armed {
-            panic!("injected panic in actor {actor}");
+        match armed {
+            None => {}
+            Some(Injected::Panic) => panic!("injected panic in actor {actor}"),
+            Some(Injected::Hang) => {
+                tracing::warn!(actor, "injected hang: holding this message forever");
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -178,11 +168,12 @@ mod tests {
     #[test]
     fn an_armed_panic_fires_once_in_the_named_actor_only() {
         let faults = Faults::none();
-        faults.arm_panic("sink");
-        faults.panic_if_armed("parser");
-        let fired = std::panic::catch_unwind(|| faults.panic_if_armed("sink"));
+        let start = |actor| futures::executor::block_on(faults.at_message_start(actor));
+        faults.arm("sink", Injected::Panic);
+        start("parser");
+        let fired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| start("sink")));
         assert!(fired.is_err());
-        faults.panic_if_armed("sink");
+        start("sink");
     }
 
     #[test]

@@ -97,8 +97,7 @@ impl Actor for ParserActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let _working = state.args.progress.working();
-        state.args.faults.panic_if_armed("parser");
-        state.args.faults.hang_if_armed("parser").await;
+        state.args.faults.at_message_start("parser").await;
         match message {
             ParserMsg::Parse { records, permit } => {
                 state.args.rules.now_ms = SystemTime::now()

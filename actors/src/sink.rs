@@ -261,14 +261,7 @@ impl SinkState {
 
     /// The PostgreSQL table, connecting first if the last call failed.
     async fn postgres(&mut self) -> Result<&PostgresEvents, PipelineError> {
-        if self.postgres.is_none() {
-            let config = &self.args.config;
-            self.postgres = Some(
-                PostgresEvents::connect(&config.postgres_url, config.dedup, config.service_timeout)
-                    .await?,
-            );
-        }
-        Ok(self.postgres.as_ref().expect("connected above"))
+        connected(&mut self.postgres, &self.args.config).await
     }
 
     /// Deletes rows stored from these positions in one store.
@@ -388,26 +381,12 @@ impl SinkState {
             if done.postgres {
                 return None;
             }
-            if postgres.is_none() {
-                let config = &args.config;
-                match PostgresEvents::connect(
-                    &config.postgres_url,
-                    config.dedup,
-                    config.service_timeout,
-                )
-                .await
-                {
-                    Ok(connected) => *postgres = Some(connected),
-                    Err(connect_error) => return Some(Err(connect_error)),
-                }
-            }
+            let table = match connected(postgres, &args.config).await {
+                Ok(table) => table,
+                Err(connect_error) => return Some(Err(connect_error)),
+            };
             let started = Instant::now();
-            let written = postgres
-                .as_ref()
-                .expect("connected above")
-                .write(buffer)
-                .await;
-            Some(written.map(|_| started.elapsed()))
+            Some(table.write(buffer).await.map(|_| started.elapsed()))
         };
         let clickhouse_write = async {
             if done.clickhouse {
@@ -435,6 +414,21 @@ impl SinkState {
         }
         failures
     }
+}
+
+/// The PostgreSQL table in `slot`, connecting first if it is empty (the last
+/// call failed).
+async fn connected<'a>(
+    slot: &'a mut Option<PostgresEvents>,
+    config: &PipelineConfig,
+) -> Result<&'a PostgresEvents, PipelineError> {
+    if slot.is_none() {
+        *slot = Some(
+            PostgresEvents::connect(&config.postgres_url, config.dedup, config.service_timeout)
+                .await?,
+        );
+    }
+    Ok(slot.as_ref().expect("connected above"))
 }
 
 /// Which stores already hold the batch being written.
@@ -503,8 +497,7 @@ impl Actor for SinkActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let _working = state.args.progress.working();
-        state.args.faults.panic_if_armed("sink");
-        state.args.faults.hang_if_armed("sink").await;
+        state.args.faults.at_message_start("sink").await;
         match message {
             SinkMsg::Store { records, permit } => {
                 state.buffer.extend(records);

@@ -29,18 +29,26 @@ pub const DEFAULT_SERVICE_TIMEOUT: Duration = Duration::from_secs(10);
 /// does not answer within [`DEFAULT_SERVICE_TIMEOUT`] is an error.
 pub async fn connect_postgres(url: &str) -> Result<Client, PipelineError> {
     let what = format!("connect to {}", redact_url(url));
-    within(DEFAULT_SERVICE_TIMEOUT, "postgres", &what, async {
-        let (client, connection) = tokio_postgres::connect(url, NoTls)
-            .await
-            .map_err(PipelineError::postgres(what.clone()))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                warn!(%error, "postgres connection closed");
-            }
-        });
-        Ok(client)
-    })
+    within(
+        DEFAULT_SERVICE_TIMEOUT,
+        "postgres",
+        &what,
+        open_postgres(url, &what),
+    )
     .await
+}
+
+/// Connects (unbounded: callers bound it) and drives the connection on the runtime.
+async fn open_postgres(url: &str, what: &str) -> Result<Client, PipelineError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(PipelineError::postgres(what))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            warn!(%error, "postgres connection closed");
+        }
+    });
+    Ok(client)
 }
 
 /// A connection for the pipeline's own statements: connecting and every
@@ -49,7 +57,7 @@ pub async fn connect_postgres(url: &str) -> Result<Client, PipelineError> {
 pub async fn connect_postgres_within(url: &str, limit: Duration) -> Result<Client, PipelineError> {
     let what = format!("connect to {}", redact_url(url));
     within(limit, "postgres", &what, async {
-        let client = connect_postgres(url).await?;
+        let client = open_postgres(url, &what).await?;
         client
             .batch_execute(&format!("SET statement_timeout = {}", limit.as_millis()))
             .await
@@ -176,9 +184,7 @@ impl PostgresEvents {
         })
         .await
     }
-}
 
-impl PostgresEvents {
     /// Deletes the rows stored from these source positions (records another
     /// store refused, which are dead-lettered instead). Returns how many went.
     pub async fn remove(&self, positions: &[SourcePosition]) -> Result<u64, PipelineError> {
@@ -318,12 +324,11 @@ impl ClickHouseEvents {
             .await
             .map_err(PipelineError::clickhouse("finish insert"))
     }
-}
 
-impl ClickHouseEvents {
     /// Deletes the rows stored from these source positions (records another
     /// store refused) and waits until the deletion is done: a mutation, as
-    /// ClickHouse 18.16 has no other DELETE. Rare: only hostile input gets here.
+    /// ClickHouse 18.16 has no other DELETE. Rare: only hostile input gets
+    /// here. Bounded by the service timeout plus [`MUTATION_DEADLINE`].
     pub async fn remove(&self, positions: &[SourcePosition]) -> Result<(), PipelineError> {
         within(
             self.timeout + MUTATION_DEADLINE,
@@ -347,7 +352,6 @@ impl ClickHouseEvents {
             .execute()
             .await
             .map_err(PipelineError::clickhouse("delete refused records"))?;
-        let deadline = std::time::Instant::now() + MUTATION_DEADLINE;
         loop {
             let pending: u64 = self
                 .client
@@ -357,12 +361,6 @@ impl ClickHouseEvents {
                 .map_err(PipelineError::clickhouse("wait for the delete"))?;
             if pending == 0 {
                 return Ok(());
-            }
-            if std::time::Instant::now() > deadline {
-                return Err(PipelineError::ClickHouse {
-                    context: "wait for the delete".to_string(),
-                    source: clickhouse::error::Error::TimedOut,
-                });
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }

@@ -42,7 +42,7 @@ use stream_actors::consumer::{
     check_topics, create_consumer, CheckpointingContext, ConsumerActor, ConsumerArgs, ConsumerMsg,
 };
 use stream_actors::dlq_writer::{create_dlq_producer, DlqWriterActor, DlqWriterArgs};
-use stream_actors::faults::Faults;
+use stream_actors::faults::{Faults, Injected};
 use stream_actors::mailbox::{MailboxBound, MailboxError, MailboxStats};
 use stream_actors::parse::ParseRules;
 use stream_actors::parser::{ParserActor, ParserArgs};
@@ -617,12 +617,12 @@ impl Actor for PipelineSupervisor {
                         }
                         KillMode::Panic => {
                             warn!(actor, "actor will panic at its next message, on request");
-                            state.shared.faults.arm_panic(&actor);
+                            state.shared.faults.arm(&actor, Injected::Panic);
                             Ok(format!("{actor} will panic at its next message"))
                         }
                         KillMode::Hang => {
                             warn!(actor, "actor will hang at its next message, on request");
-                            state.shared.faults.arm_hang(&actor);
+                            state.shared.faults.arm(&actor, Injected::Hang);
                             Ok(format!("{actor} will hang at its next message"))
                         }
                     },

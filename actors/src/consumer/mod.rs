@@ -133,8 +133,7 @@ impl Actor for ConsumerActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let _working = state.args.progress.working();
-        state.args.faults.panic_if_armed("consumer");
-        state.args.faults.hang_if_armed("consumer").await;
+        state.args.faults.at_message_start("consumer").await;
         match message {
             ConsumerMsg::Poll => {
                 let consumer = state.args.consumer.clone();
