@@ -11,15 +11,21 @@
 //! not safely in the dead-letter topic.
 //!
 //! No duplicates after a crash: whatever was dead-lettered past the checkpoint
-//! before a crash is replayed after it. So whenever partitions are assigned
-//! (at every start, and in every rebalance) the consumer tells this actor the
+//! before a crash is replayed after it. So each dead letter is written to the
+//! DLQ index in PostgreSQL ([`DlqIndex`]) before it is produced (the intent,
+//! with the dead-letter topic's end offsets of that moment) and confirmed
+//! after the broker's acknowledgement. Whenever partitions are assigned (at
+//! every start, and in every rebalance) the consumer tells this actor the
 //! checkpoint of each (`Assigned`), before it hands out any of their records;
-//! the writer reads the dead-letter topic back and remembers which source
-//! positions at or past the checkpoint it already holds, and skips those. The
-//! read-back sees every earlier delivery: a dead process delivers nothing more,
-//! and a restart within the process flushes the producer first. What it
-//! delivers after a read-back it remembers (old records of a partition that
-//! Kafka took away and gave back arrive after the new read-back).
+//! the writer looks up the positions at or past the checkpoint in the index
+//! and skips them. An intent without confirmation (a crash between the
+//! produce and the confirmation) is resolved by reading the dead-letter topic
+//! from the end offsets that intent recorded, never from the beginning: found
+//! there, it is confirmed; not found, it is forgotten and produced again. So
+//! a restart costs the same whatever the size of the dead-letter topic.
+//! What it delivers after a look-up it remembers (old records of a partition
+//! that Kafka took away and gave back arrive after the new look-up). The
+//! index is pruned below the checkpoint.
 //!
 //! Bounded dead letters: the error message is cut to 1 KB where it is made
 //! ([`crate::parse::cut_message`]). A producer error is either retriable
@@ -31,10 +37,11 @@
 //! alone. `dlq.envelope` says which, and `streamctl dlq replay` skips
 //! envelopes (their bytes are not the original ones).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use backon::{ExponentialBuilder, Retryable};
 use futures::future::join_all;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rdkafka::config::ClientConfig;
@@ -47,10 +54,11 @@ use tracing::{info, warn};
 
 use crate::committer::CommitterMsg;
 use crate::error::PipelineError;
-use crate::faults::Faults;
+use crate::faults::{CrashPoint, Faults};
 use crate::mailbox::MailboxPermit;
 use crate::metrics as names;
-use crate::models::{AckSource, PoisonRecord};
+use crate::models::{AckSource, PoisonRecord, SourcePosition};
+use crate::storage::DlqIndex;
 
 /// Header names, in the order they are written.
 pub const DLQ_HEADERS: [&str; 8] = [
@@ -193,11 +201,11 @@ pub struct DlqWriterArgs {
     pub dlq_topic: String,
     /// Told what is delivered.
     pub committer: ActorRef<CommitterMsg>,
-    /// Brokers, to read the dead-letter topic back.
+    /// Brokers, to read back where an intent has no confirmation.
     pub brokers: String,
-    /// Whether to skip what the dead-letter topic already holds (off only in
-    /// the recovery tests' negative control).
-    pub dedup: bool,
+    /// The DLQ index; `None` writes every dead letter, even one already in
+    /// the topic (only the recovery tests' negative control).
+    pub index: Option<Arc<DlqIndex>>,
     /// Injected faults.
     pub faults: Arc<Faults>,
     /// What this actor tells the watchdog.
@@ -215,7 +223,7 @@ pub enum DlqWriterMsg {
         permit: MailboxPermit,
     },
     /// These partitions were assigned at these checkpoints (next offset to
-    /// read; `None`: from the start): read back what is already dead-lettered.
+    /// read; `None`: from the start): look up what is already dead-lettered.
     Assigned(Vec<(i32, Option<i64>)>),
 }
 
@@ -231,7 +239,13 @@ pub struct DlqWriterState {
     /// this writer after the new assignment's read-back, and the replay from
     /// the checkpoint brings the same positions again.
     already_written: HashSet<(i32, i64)>,
+    /// When the index was last pruned below the checkpoint.
+    last_prune: Instant,
 }
+
+/// How often the DLQ index is pruned below the checkpoint while running (it
+/// is pruned at every assignment too).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Written positions further than this below the newest one of their
 /// partition are forgotten once the set is large: the consumer never goes
@@ -258,16 +272,57 @@ fn remember(written: &mut HashSet<(i32, i64)>, delivered: &[crate::models::Sourc
     }
 }
 
-/// Reads the dead-letter topic and returns the source positions of `topic`
-/// it holds at or past each assigned partition's checkpoint.
-pub fn read_back(
+/// The dead-letter topic's end offset of each partition, by partition id:
+/// where a dead letter produced from now on can be found at the earliest.
+fn dlq_end_offsets(producer: &FutureProducer, topic: &str) -> Result<Vec<i64>, PipelineError> {
+    use rdkafka::producer::Producer;
+    let client = producer.client();
+    let metadata = client
+        .fetch_metadata(Some(topic), crate::topic::KAFKA_TIMEOUT)
+        .map_err(PipelineError::kafka(format!("read metadata of {topic}")))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|candidate| candidate.name() == topic)
+        .flat_map(|candidate| candidate.partitions().iter().map(|partition| partition.id()))
+        .collect();
+    let mut ends = vec![0; partitions.iter().map(|id| *id as usize + 1).max().unwrap_or(0)];
+    for partition in partitions {
+        let (_, high) = client
+            .fetch_watermarks(topic, partition, crate::topic::KAFKA_TIMEOUT)
+            .map_err(PipelineError::kafka(format!(
+                "read the end offset of {topic}/{partition}"
+            )))?;
+        ends[partition as usize] = high;
+    }
+    Ok(ends)
+}
+
+/// Where to read the dead-letter topic from to find every one of these
+/// unconfirmed intents: per partition, the lowest end offset any of them
+/// recorded (a partition none recorded, added since, from its start).
+fn scan_starts(intents: &[crate::storage::IndexedDeadLetter]) -> BTreeMap<i32, i64> {
+    let mut starts: BTreeMap<i32, i64> = BTreeMap::new();
+    for intent in intents {
+        for (partition, end) in intent.scan_from.iter().enumerate() {
+            let start = starts.entry(partition as i32).or_insert(*end);
+            *start = (*start).min(*end);
+        }
+    }
+    starts
+}
+
+/// Reads the dead-letter topic from `starts` and returns which of the
+/// `wanted` positions of `source_topic` it holds.
+fn delivered_among(
     brokers: &str,
     dlq_topic: &str,
     source_topic: &str,
-    floors: &HashMap<i32, i64>,
+    starts: &BTreeMap<i32, i64>,
+    wanted: &HashSet<(i32, i64)>,
 ) -> anyhow::Result<HashSet<(i32, i64)>> {
-    let records = crate::topic::read_topic(brokers, dlq_topic, Duration::from_secs(60))?;
-    let mut written = HashSet::new();
+    let records = crate::topic::read_from(brokers, dlq_topic, starts, Duration::from_secs(60))?;
+    let mut found = HashSet::new();
     for record in &records {
         if record.header("dlq.source.topic") != Some(source_topic) {
             continue;
@@ -280,13 +335,37 @@ pub fn read_back(
                     .header("dlq.source.offset")
                     .and_then(|text| text.parse::<i64>().ok()),
             );
-        if let Some((partition, offset)) = position {
-            if floors.get(&partition).is_some_and(|floor| offset >= *floor) {
-                written.insert((partition, offset));
-            }
+        if let Some(position) = position.filter(|position| wanted.contains(position)) {
+            found.insert(position);
         }
     }
-    Ok(written)
+    Ok(found)
+}
+
+/// Retries `attempt` (each one bounded by its own timeout) with backoff
+/// until it succeeds: the index or the broker being away is an outage to
+/// wait out, as the sink waits behind its breaker, not a poison record.
+async fn until_done<T, F, Fut>(
+    progress: &crate::progress::Progress,
+    what: &str,
+    attempt: F,
+) -> Result<T, PipelineError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, PipelineError>>,
+{
+    let schedule = ExponentialBuilder::default()
+        .with_min_delay(FIRST_BACKOFF)
+        .with_max_delay(MAX_BACKOFF)
+        .with_jitter()
+        .without_max_times();
+    progress
+        .protect(
+            attempt
+                .retry(schedule)
+                .notify(|error, wait| warn!(%error, ?wait, what, "retrying")),
+        )
+        .await
 }
 
 /// A dead letter on its way, in the form it is tried in.
@@ -296,6 +375,78 @@ struct Pending {
 }
 
 impl DlqWriterState {
+    /// Partitions were assigned at these checkpoints: prunes the index below
+    /// them, loads what it holds at or past them, and resolves intents
+    /// without confirmation by reading the dead-letter topic from where they
+    /// recorded its end.
+    async fn look_up(&mut self, assigned: Vec<(i32, Option<i64>)>) -> Result<(), PipelineError> {
+        let Some(index) = self.args.index.clone() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let floors: HashMap<i32, i64> = assigned
+            .iter()
+            .map(|(partition, next)| (*partition, next.unwrap_or(0)))
+            .collect();
+        let progress = &self.args.progress;
+        let pruned = until_done(progress, "prune the dlq index", || index.prune()).await?;
+        let indexed = until_done(progress, "look up the dlq index", || index.lookup(&floors)).await?;
+        let (confirmed, unconfirmed): (Vec<_>, Vec<_>) =
+            indexed.into_iter().partition(|entry| entry.confirmed);
+        let mut found: HashSet<(i32, i64)> = confirmed
+            .iter()
+            .map(|entry| (entry.position.partition, entry.position.offset))
+            .collect();
+        if !unconfirmed.is_empty() {
+            let wanted: HashSet<(i32, i64)> = unconfirmed
+                .iter()
+                .map(|entry| (entry.position.partition, entry.position.offset))
+                .collect();
+            let starts = scan_starts(&unconfirmed);
+            let (brokers, dlq_topic, source_topic) = (
+                self.args.brokers.clone(),
+                self.args.dlq_topic.clone(),
+                self.args.source_topic.clone(),
+            );
+            let (wanted_there, starts_there) = (wanted.clone(), starts.clone());
+            // Bounded by the read's own deadline.
+            let read = tokio::task::spawn_blocking(move || {
+                delivered_among(&brokers, &dlq_topic, &source_topic, &starts_there, &wanted_there)
+            });
+            let delivered = progress
+                .protect(read)
+                .await?
+                .map_err(|error| PipelineError::ReadBack(format!("{error:#}")))?;
+            let (delivered, lost): (Vec<SourcePosition>, Vec<SourcePosition>) = unconfirmed
+                .iter()
+                .map(|entry| entry.position)
+                .partition(|position| delivered.contains(&(position.partition, position.offset)));
+            until_done(progress, "confirm dead letters found", || index.confirm(&delivered)).await?;
+            until_done(progress, "forget undelivered intents", || index.forget(&lost)).await?;
+            info!(
+                unconfirmed = wanted.len(),
+                found_delivered = delivered.len(),
+                not_delivered = lost.len(),
+                ?starts,
+                "resolved dead-letter intents without confirmation"
+            );
+            found.extend(delivered.iter().map(|position| (position.partition, position.offset)));
+        }
+        let partitions: HashSet<i32> = floors.keys().copied().collect();
+        self.already_written
+            .retain(|(partition, _)| !partitions.contains(partition));
+        info!(
+            partitions = partitions.len(),
+            already_dead_lettered = found.len(),
+            pruned,
+            took_ms = started.elapsed().as_millis() as u64,
+            "looked up the dlq index past the checkpoint"
+        );
+        self.already_written.extend(found);
+        self.last_prune = Instant::now();
+        Ok(())
+    }
+
     /// Produces every record and waits for the broker to confirm each one.
     /// Returns the records that failed; one the topic refused permanently
     /// comes back in the next smaller [`Form`], to be tried again at once.
@@ -411,6 +562,7 @@ impl Actor for DlqWriterActor {
         Ok(DlqWriterState {
             args,
             already_written: HashSet::new(),
+            last_prune: Instant::now(),
         })
     }
 
@@ -423,36 +575,7 @@ impl Actor for DlqWriterActor {
         let _working = state.args.progress.working();
         state.args.faults.at_message_start("dlq_writer").await;
         match message {
-            DlqWriterMsg::Assigned(assigned) => {
-                if !state.args.dedup {
-                    return Ok(());
-                }
-                let floors: HashMap<i32, i64> = assigned
-                    .iter()
-                    .map(|(partition, next)| (*partition, next.unwrap_or(0)))
-                    .collect();
-                let (brokers, dlq_topic, source_topic) = (
-                    state.args.brokers.clone(),
-                    state.args.dlq_topic.clone(),
-                    state.args.source_topic.clone(),
-                );
-                // Bounded by the read-back's own deadline.
-                let read = tokio::task::spawn_blocking(move || {
-                    read_back(&brokers, &dlq_topic, &source_topic, &floors)
-                });
-                let found = state.args.progress.protect(read).await??;
-                let partitions: HashSet<i32> =
-                    assigned.iter().map(|(partition, _)| *partition).collect();
-                state
-                    .already_written
-                    .retain(|(partition, _)| !partitions.contains(partition));
-                info!(
-                    partitions = partitions.len(),
-                    already_dead_lettered = found.len(),
-                    "read back the dead-letter topic past the checkpoint"
-                );
-                state.already_written.extend(found);
-            }
+            DlqWriterMsg::Assigned(assigned) => state.look_up(assigned).await?,
             DlqWriterMsg::Write { records, permit } => {
                 let positions: Vec<_> = records.iter().map(|record| record.raw.position).collect();
                 let before = records.len();
@@ -472,8 +595,25 @@ impl Actor for DlqWriterActor {
                         "dead letters already in the topic, not written again"
                     );
                 }
-                let delivered: Vec<_> =
+                let delivered: Vec<SourcePosition> =
                     remaining.iter().map(|record| record.raw.position).collect();
+                if let Some(index) = state.args.index.clone().filter(|_| !delivered.is_empty()) {
+                    let progress = &state.args.progress;
+                    let scan_from = until_done(progress, "read the dead-letter topic's end offsets", || {
+                        let (producer, topic) =
+                            (state.args.producer.clone(), state.args.dlq_topic.clone());
+                        async move {
+                            tokio::task::spawn_blocking(move || dlq_end_offsets(&producer, &topic))
+                                .await?
+                        }
+                    })
+                    .await?;
+                    until_done(progress, "record dead-letter intents", || {
+                        index.intend(&delivered, &scan_from)
+                    })
+                    .await?;
+                    state.args.faults.reached(CrashPoint::AfterDlqIntent);
+                }
                 let mut pending: Vec<Pending> = remaining
                     .into_iter()
                     .map(|record| Pending {
@@ -500,8 +640,19 @@ impl Actor for DlqWriterActor {
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                 }
-                if state.args.dedup {
+                if let Some(index) = state.args.index.clone() {
+                    state.args.faults.reached(CrashPoint::AfterDlqDelivery);
+                    let progress = &state.args.progress;
+                    until_done(progress, "confirm dead letters", || index.confirm(&delivered))
+                        .await?;
                     remember(&mut state.already_written, &delivered);
+                    if state.last_prune.elapsed() >= PRUNE_EVERY {
+                        state.last_prune = Instant::now();
+                        // Best effort: the next prune catches up.
+                        if let Err(error) = index.prune().await {
+                            warn!(%error, "could not prune the dlq index");
+                        }
+                    }
                 }
                 state.args.committer.cast(CommitterMsg::Ack {
                     source: AckSource::DeadLetter,

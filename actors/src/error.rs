@@ -53,6 +53,13 @@ pub enum PipelineError {
     /// the group with a fresh client.
     #[error("kafka client unusable after a fatal error ({0}); joining again with a fresh client")]
     KafkaFatal(String),
+    /// A blocking call run off the runtime panicked or was cancelled.
+    #[error("blocking task: {0}")]
+    Blocking(#[from] tokio::task::JoinError),
+    /// The dead-letter topic could not be read where an intent had no
+    /// confirmation.
+    #[error("read back unconfirmed dead letters: {0}")]
+    ReadBack(String),
     /// A restart could not put the consumer back at the checkpoint.
     #[error("rewind to the checkpoint: {0}")]
     Rewind(String),

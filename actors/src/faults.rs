@@ -28,20 +28,35 @@ pub enum CrashPoint {
     /// In the committer: the checkpoint is persisted, Kafka's committed offset
     /// is not. A restart must trust the checkpoint.
     AfterCheckpoint,
+    /// In the DLQ writer: the intents are in the DLQ index, the dead letters
+    /// not produced yet. A restart must produce them.
+    AfterDlqIntent,
+    /// In the DLQ writer: the broker confirmed the dead letters, the DLQ
+    /// index does not say so yet. A restart must not produce them again.
+    AfterDlqDelivery,
 }
 
 impl CrashPoint {
+    /// Every crash point.
+    pub const ALL: [CrashPoint; 4] = [
+        CrashPoint::AfterDbWrite,
+        CrashPoint::AfterCheckpoint,
+        CrashPoint::AfterDlqIntent,
+        CrashPoint::AfterDlqDelivery,
+    ];
+
     /// The name used in `STREAM_CRASH_AT`.
     pub fn name(self) -> &'static str {
         match self {
             CrashPoint::AfterDbWrite => "after_db_write",
             CrashPoint::AfterCheckpoint => "after_checkpoint",
+            CrashPoint::AfterDlqIntent => "after_dlq_intent",
+            CrashPoint::AfterDlqDelivery => "after_dlq_delivery",
         }
     }
 
     fn parse(name: &str) -> Option<CrashPoint> {
-        [CrashPoint::AfterDbWrite, CrashPoint::AfterCheckpoint]
-            .into_iter()
+        CrashPoint::ALL.into_iter()
             .find(|point| point.name() == name)
     }
 }
@@ -88,8 +103,10 @@ impl Faults {
         };
         let (name, count) = spec.split_once(':').unwrap_or((spec, "1"));
         let point = CrashPoint::parse(name).ok_or_else(|| {
+            let known: Vec<&str> = CrashPoint::ALL.iter().map(|point| point.name()).collect();
             invalid(format!(
-                "unknown crash point {name:?}; expected after_db_write or after_checkpoint"
+                "unknown crash point {name:?}; expected one of {}",
+                known.join(", ")
             ))
         })?;
         let count: u64 = count

@@ -429,38 +429,31 @@ impl PostgresOrders {
     }
 }
 
-/// The persisted checkpoint: per partition, the next offset to read.
-///
-/// Its connection is re-made on the next call after a failure, so a
-/// PostgreSQL restart pauses checkpoints instead of ending them.
-pub struct CheckpointStore {
+/// A dedicated PostgreSQL connection for the pipeline's own state, re-made
+/// on the next call after a failure (so a PostgreSQL restart pauses the
+/// caller instead of ending it), every call bounded by the service timeout.
+struct Session {
     url: String,
     /// The longest connecting or one statement may take: the lock is never
-    /// held longer, so a hung server cannot freeze the committer.
+    /// held longer, so a hung server cannot freeze the caller.
     timeout: Duration,
-    /// A dedicated connection; `None` after a failure.
+    /// `None` after a failure.
     client: tokio::sync::Mutex<Option<Client>>,
 }
 
-impl CheckpointStore {
-    /// Connects and creates the table if it is missing; every call is
-    /// bounded by `timeout`.
-    pub async fn connect(url: &str, timeout: Duration) -> Result<CheckpointStore, PipelineError> {
+impl Session {
+    /// Connects and creates `table` with `ddl` if it is missing.
+    async fn open(
+        url: &str,
+        timeout: Duration,
+        table: &str,
+        ddl: &str,
+    ) -> Result<Session, PipelineError> {
         let client = connect_postgres_within(url, timeout).await?;
-        create_table(
-            &client,
-            "CREATE TABLE IF NOT EXISTS pipeline_checkpoints (
-                    consumer_group TEXT NOT NULL,
-                    topic TEXT NOT NULL,
-                    partition INTEGER NOT NULL,
-                    next_offset BIGINT NOT NULL,
-                    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-                    PRIMARY KEY (consumer_group, topic, partition)
-                )",
-        )
-        .await
-        .map_err(PipelineError::postgres("create table pipeline_checkpoints"))?;
-        Ok(CheckpointStore {
+        create_table(&client, ddl)
+            .await
+            .map_err(PipelineError::postgres(format!("create table {table}")))?;
+        Ok(Session {
             url: url.to_string(),
             timeout,
             client: tokio::sync::Mutex::new(Some(client)),
@@ -469,7 +462,7 @@ impl CheckpointStore {
 
     /// Runs `work` on the connection, connecting first if needed; a failure
     /// drops the connection so the next call makes a new one.
-    async fn with_client<T, F>(&self, work: F) -> Result<T, PipelineError>
+    async fn with_client<T, F>(&self, what: &str, work: F) -> Result<T, PipelineError>
     where
         F: for<'c> FnOnce(
             &'c Client,
@@ -484,7 +477,7 @@ impl CheckpointStore {
         let result = within(
             self.timeout,
             "postgres",
-            "checkpoint statement",
+            what,
             work(guard.as_ref().expect("connected above")),
         )
         .await;
@@ -493,11 +486,38 @@ impl CheckpointStore {
         }
         result
     }
+}
+
+/// The persisted checkpoint: per partition, the next offset to read.
+pub struct CheckpointStore {
+    session: Session,
+}
+
+impl CheckpointStore {
+    /// Connects and creates the table if it is missing; every call is
+    /// bounded by `timeout`.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<CheckpointStore, PipelineError> {
+        let session = Session::open(
+            url,
+            timeout,
+            "pipeline_checkpoints",
+            "CREATE TABLE IF NOT EXISTS pipeline_checkpoints (
+                    consumer_group TEXT NOT NULL,
+                    topic TEXT NOT NULL,
+                    partition INTEGER NOT NULL,
+                    next_offset BIGINT NOT NULL,
+                    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                    PRIMARY KEY (consumer_group, topic, partition)
+                )",
+        )
+        .await?;
+        Ok(CheckpointStore { session })
+    }
 
     /// The next offset to read for every partition that has a checkpoint.
     pub async fn load(&self, group: &str, topic: &str) -> Result<HashMap<i32, i64>, PipelineError> {
         let (group, topic) = (group.to_string(), topic.to_string());
-        self.with_client(move |client| {
+        self.session.with_client("load checkpoint", move |client| {
             Box::pin(async move {
                 let rows = client
                     .query(
@@ -530,7 +550,7 @@ impl CheckpointStore {
         let (group, topic) = (group.to_string(), topic.to_string());
         let partitions: Vec<i32> = positions.iter().map(|(partition, _)| *partition).collect();
         let offsets: Vec<i64> = positions.iter().map(|(_, offset)| *offset).collect();
-        self.with_client(move |client| {
+        self.session.with_client("persist checkpoint", move |client| {
             Box::pin(async move {
                 client
                     .execute(
@@ -546,6 +566,202 @@ impl CheckpointStore {
             })
         })
         .await
+    }
+}
+
+/// A source position the DLQ index holds (at or past the checkpoint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexedDeadLetter {
+    /// The poison record's source position.
+    pub position: SourcePosition,
+    /// Whether the broker confirmed the dead letter's delivery.
+    pub confirmed: bool,
+    /// The dead-letter topic's end offset of each of its partitions (by
+    /// partition id) before the dead letter was produced: where to look for
+    /// it when its delivery was never confirmed.
+    pub scan_from: Vec<i64>,
+}
+
+/// The DLQ index: which source positions of one group and topic are
+/// dead-lettered, so a restart looks up the positions at or past the
+/// checkpoint instead of reading the whole dead-letter topic.
+///
+/// A row is written before its dead letter is produced (the intent, with
+/// the dead-letter topic's end offsets of that moment) and confirmed after
+/// the broker's acknowledgement. A crash between the two leaves an
+/// unconfirmed intent; the DLQ writer resolves it by reading the
+/// dead-letter topic from those end offsets only. Rows below the checkpoint
+/// are pruned: the consumer never goes back past it.
+pub struct DlqIndex {
+    session: Session,
+    group: String,
+    topic: String,
+}
+
+impl DlqIndex {
+    /// Connects and creates the table if it is missing; every call is
+    /// bounded by `timeout`.
+    pub async fn connect(
+        url: &str,
+        timeout: Duration,
+        group: &str,
+        topic: &str,
+    ) -> Result<DlqIndex, PipelineError> {
+        let session = Session::open(
+            url,
+            timeout,
+            "dlq_positions",
+            "CREATE TABLE IF NOT EXISTS dlq_positions (
+                    consumer_group TEXT NOT NULL,
+                    topic TEXT NOT NULL,
+                    partition INTEGER NOT NULL,
+                    source_offset BIGINT NOT NULL,
+                    confirmed BOOLEAN NOT NULL DEFAULT false,
+                    scan_from BIGINT[] NOT NULL,
+                    PRIMARY KEY (consumer_group, topic, partition, source_offset)
+                )",
+        )
+        .await?;
+        Ok(DlqIndex {
+            session,
+            group: group.to_string(),
+            topic: topic.to_string(),
+        })
+    }
+
+    /// Records the intent to dead-letter these positions, before producing.
+    /// An intent already there keeps its older (further back) `scan_from`.
+    pub async fn intend(
+        &self,
+        positions: &[SourcePosition],
+        scan_from: &[i64],
+    ) -> Result<(), PipelineError> {
+        let (group, topic) = (self.group.clone(), self.topic.clone());
+        let (partitions, offsets) = split_positions(positions.iter().copied());
+        let scan_from = scan_from.to_vec();
+        self.session
+            .with_client("record dead-letter intents", move |client| {
+                Box::pin(async move {
+                    client
+                        .execute(
+                            "INSERT INTO dlq_positions (consumer_group, topic, partition, source_offset, scan_from)
+                             SELECT $1, $2, p, o, $5 FROM UNNEST($3::int4[], $4::int8[]) AS t(p, o)
+                             ON CONFLICT DO NOTHING",
+                            &[&group, &topic, &partitions, &offsets, &scan_from],
+                        )
+                        .await
+                        .map_err(PipelineError::postgres("record dead-letter intents"))?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    /// Marks these positions delivered.
+    pub async fn confirm(&self, positions: &[SourcePosition]) -> Result<(), PipelineError> {
+        self.change(
+            "confirm dead letters",
+            "UPDATE dlq_positions d SET confirmed = true
+             FROM UNNEST($3::int4[], $4::int8[]) AS t(p, o)
+             WHERE d.consumer_group = $1 AND d.topic = $2 AND d.partition = t.p AND d.source_offset = t.o",
+            positions,
+        )
+        .await
+    }
+
+    /// Drops unconfirmed intents found not delivered: their records go again.
+    pub async fn forget(&self, positions: &[SourcePosition]) -> Result<(), PipelineError> {
+        self.change(
+            "forget undelivered dead-letter intents",
+            "DELETE FROM dlq_positions d
+             USING UNNEST($3::int4[], $4::int8[]) AS t(p, o)
+             WHERE d.consumer_group = $1 AND d.topic = $2 AND d.partition = t.p AND d.source_offset = t.o
+               AND NOT d.confirmed",
+            positions,
+        )
+        .await
+    }
+
+    /// Runs `statement` with group, topic, partitions and offsets.
+    async fn change(
+        &self,
+        what: &'static str,
+        statement: &'static str,
+        positions: &[SourcePosition],
+    ) -> Result<(), PipelineError> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let (group, topic) = (self.group.clone(), self.topic.clone());
+        let (partitions, offsets) = split_positions(positions.iter().copied());
+        self.session
+            .with_client(what, move |client| {
+                Box::pin(async move {
+                    client
+                        .execute(statement, &[&group, &topic, &partitions, &offsets])
+                        .await
+                        .map_err(PipelineError::postgres(what))?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    /// Deletes what lies below the persisted checkpoint; returns how many.
+    pub async fn prune(&self) -> Result<u64, PipelineError> {
+        let (group, topic) = (self.group.clone(), self.topic.clone());
+        self.session
+            .with_client("prune the dlq index", move |client| {
+                Box::pin(async move {
+                    client
+                        .execute(
+                            "DELETE FROM dlq_positions d USING pipeline_checkpoints c
+                             WHERE d.consumer_group = $1 AND d.topic = $2
+                               AND c.consumer_group = d.consumer_group AND c.topic = d.topic
+                               AND c.partition = d.partition AND d.source_offset < c.next_offset",
+                            &[&group, &topic],
+                        )
+                        .await
+                        .map_err(PipelineError::postgres("prune the dlq index"))
+                })
+            })
+            .await
+    }
+
+    /// What the index holds at or past each partition's floor.
+    pub async fn lookup(
+        &self,
+        floors: &HashMap<i32, i64>,
+    ) -> Result<Vec<IndexedDeadLetter>, PipelineError> {
+        let (group, topic) = (self.group.clone(), self.topic.clone());
+        let (partitions, offsets): (Vec<i32>, Vec<i64>) = floors.iter().unzip();
+        self.session
+            .with_client("look up the dlq index", move |client| {
+                Box::pin(async move {
+                    let rows = client
+                        .query(
+                            "SELECT d.partition, d.source_offset, d.confirmed, d.scan_from
+                             FROM dlq_positions d JOIN UNNEST($3::int4[], $4::int8[]) AS f(p, floor)
+                               ON d.partition = f.p AND d.source_offset >= f.floor
+                             WHERE d.consumer_group = $1 AND d.topic = $2",
+                            &[&group, &topic, &partitions, &offsets],
+                        )
+                        .await
+                        .map_err(PipelineError::postgres("look up the dlq index"))?;
+                    Ok(rows
+                        .iter()
+                        .map(|row| IndexedDeadLetter {
+                            position: SourcePosition {
+                                partition: row.get(0),
+                                offset: row.get(1),
+                            },
+                            confirmed: row.get(2),
+                            scan_from: row.get(3),
+                        })
+                        .collect())
+                })
+            })
+            .await
     }
 }
 

@@ -60,6 +60,7 @@ fn eof_consumer(brokers: &str) -> anyhow::Result<BaseConsumer<EndOfPartitionIsNo
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "10")
+        .set("auto.offset.reset", "earliest")
         .create_with_context(EndOfPartitionIsNotAnError)
         .with_context(|| format!("cannot create a kafka client for {brokers}"))
 }
@@ -163,13 +164,31 @@ pub fn read_topic(
     topic: &str,
     deadline: Duration,
 ) -> anyhow::Result<Vec<ReadRecord>> {
+    read_from(brokers, topic, &BTreeMap::new(), deadline)
+}
+
+/// Reads the records of a topic from `starts` (per partition; a partition
+/// not named is read from its beginning) to the end offsets as they are now.
+/// A start below what retention kept reads from the first record kept.
+pub fn read_from(
+    brokers: &str,
+    topic: &str,
+    starts: &BTreeMap<i32, i64>,
+    deadline: Duration,
+) -> anyhow::Result<Vec<ReadRecord>> {
     let ends = end_offsets(brokers, topic)?;
     let consumer = eof_consumer(brokers)?;
     let mut assignment = TopicPartitionList::new();
     let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
     for (partition, end) in &ends {
-        if *end > 0 {
-            assignment.add_partition_offset(topic, *partition, Offset::Beginning)?;
+        let start = starts.get(partition).copied().unwrap_or(0);
+        if *end > start {
+            let offset = if start > 0 {
+                Offset::Offset(start)
+            } else {
+                Offset::Beginning
+            };
+            assignment.add_partition_offset(topic, *partition, offset)?;
             remaining.insert(*partition, *end);
         }
     }

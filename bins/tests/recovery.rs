@@ -180,6 +180,16 @@ async fn crash_and_recover(
     crash_at: &str,
     extra: &[(&str, &str)],
 ) -> (stream_bins::audit::Audit, loadgen::Ledger) {
+    let (audit, ledger, _) = crash_and_recover_logged(env, crash_at, extra).await;
+    (audit, ledger)
+}
+
+/// [`crash_and_recover`], also returning the recovering processor's log.
+async fn crash_and_recover_logged(
+    env: &TestEnv,
+    crash_at: &str,
+    extra: &[(&str, &str)],
+) -> (stream_bins::audit::Audit, loadgen::Ledger, String) {
     let ledger = env.produce(30_000, 0.01, 31).await;
     let mut with_crash: Vec<(&str, &str)> = vec![("STREAM_CRASH_AT", crash_at)];
     with_crash.extend_from_slice(extra);
@@ -195,7 +205,58 @@ async fn crash_and_recover(
     recovering.wait_ready(Duration::from_secs(60));
     env.wait_for_catch_up(Duration::from_secs(300)).await;
     assert_eq!(recovering.terminate(Duration::from_secs(60)), Some(0));
-    (audit(env).await, ledger)
+    let log = std::fs::read_to_string(&recovering.log).unwrap_or_default();
+    (audit(env).await, ledger, log)
+}
+
+/// The numbers the recovering processor logged when it resolved the DLQ
+/// index's intents without confirmation: (found delivered, not delivered).
+fn resolved_intents(log: &str) -> (u64, u64) {
+    let line = log
+        .lines()
+        .find(|line| line.contains("resolved dead-letter intents without confirmation"))
+        .unwrap_or_else(|| panic!("no intent resolution in the log:\n{log}"));
+    // Without the terminal colours, if any.
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    let line = plain;
+    let field = |name: &str| -> u64 {
+        let start = line.find(&format!("{name}=")).expect(name) + name.len() + 1;
+        line[start..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|digits| digits.parse().ok())
+            .expect(name)
+    };
+    (field("found_delivered"), field("not_delivered"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_dead_letters_delivery_before_its_confirmation_dead_letters_nothing_twice(
+) {
+    let env = TestEnv::new("crashdlqok", 3).await;
+    let (audit, ledger, log) = crash_and_recover_logged(&env, "after_dlq_delivery:2", &[]).await;
+    eprintln!("{}", audit.render());
+    assert_clean(&audit, &ledger);
+    let (found, lost) = resolved_intents(&log);
+    assert!(found > 0 && lost == 0, "found {found}, not delivered {lost}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_dead_letter_intent_before_the_produce_loses_no_dead_letter() {
+    let env = TestEnv::new("crashdlqin", 3).await;
+    let (audit, ledger, log) = crash_and_recover_logged(&env, "after_dlq_intent:2", &[]).await;
+    eprintln!("{}", audit.render());
+    assert_clean(&audit, &ledger);
+    let (found, lost) = resolved_intents(&log);
+    assert!(found == 0 && lost > 0, "found {found}, not delivered {lost}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,7 +48,7 @@ use stream_actors::parse::ParseRules;
 use stream_actors::parser::{ParserActor, ParserArgs};
 use stream_actors::progress::Progress;
 use stream_actors::sink::{SinkActor, SinkArgs};
-use stream_actors::storage::CheckpointStore;
+use stream_actors::storage::{CheckpointStore, DlqIndex};
 use stream_actors::PipelineConfig;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -233,6 +233,8 @@ impl Children {
 struct Shared {
     config: PipelineConfig,
     store: Arc<CheckpointStore>,
+    /// The DLQ index, shared by the DLQ writers of every generation.
+    dlq_index: Arc<DlqIndex>,
     producer: FutureProducer,
     faults: Arc<Faults>,
     /// The Kafka consumer client. It outlives the generations of children,
@@ -312,7 +314,7 @@ impl Shared {
                 dlq_topic: config.dlq_topic.clone(),
                 committer: committer.clone(),
                 brokers: config.brokers.clone(),
-                dedup: config.dedup,
+                index: config.dedup.then(|| self.dlq_index.clone()),
                 faults: self.faults.clone(),
                 progress: progress_of("dlq_writer"),
             },
@@ -514,10 +516,20 @@ impl Actor for PipelineSupervisor {
         check_topics(&config.brokers, &[&config.topic, &config.dlq_topic])?;
         let store =
             Arc::new(CheckpointStore::connect(&config.postgres_url, config.service_timeout).await?);
+        let dlq_index = Arc::new(
+            DlqIndex::connect(
+                &config.postgres_url,
+                config.service_timeout,
+                &config.group_id,
+                &config.topic,
+            )
+            .await?,
+        );
         let producer = create_dlq_producer(&config.brokers)?;
         let mut shared = Shared {
             config,
             store,
+            dlq_index,
             producer,
             faults: args.faults,
             kafka: None,
