@@ -444,6 +444,8 @@ impl DlqWriterState {
         );
         self.already_written.extend(found);
         self.last_prune = Instant::now();
+        metrics::gauge!(names::DLQ_INDEX_LOOKUP_SECONDS).set(started.elapsed().as_secs_f64());
+        metrics::counter!(names::DLQ_INDEX_LOOKUPS).increment(1);
         Ok(())
     }
 
@@ -559,6 +561,7 @@ impl Actor for DlqWriterActor {
         }
         metrics::counter!(names::DLQ_DUPLICATES_SKIPPED).increment(0);
         metrics::counter!(names::DLQ_ENVELOPES).increment(0);
+        metrics::counter!(names::DLQ_INDEX_LOOKUPS).increment(0);
         Ok(DlqWriterState {
             args,
             already_written: HashSet::new(),

@@ -52,6 +52,11 @@ pub const CIRCUIT_BREAKER_STATE: &str = "stream_circuit_breaker_state";
 /// Dead letters not written again because the dead-letter topic already holds
 /// them (a replay after a crash) (counter).
 pub const DLQ_DUPLICATES_SKIPPED: &str = "stream_dlq_duplicates_skipped_total";
+/// Look-ups of the DLQ index at an assignment or a restart (counter).
+pub const DLQ_INDEX_LOOKUPS: &str = "stream_dlq_index_lookups_total";
+/// How long the last look-up of the DLQ index took, seconds (gauge): what a
+/// restart costs the DLQ writer, whatever the size of the dead-letter topic.
+pub const DLQ_INDEX_LOOKUP_SECONDS: &str = "stream_dlq_index_lookup_seconds";
 /// Dead letters the dead-letter topic refused whole, delivered as envelopes
 /// (a prefix of the bytes, or the headers only).
 pub const DLQ_ENVELOPES: &str = "stream_dlq_envelopes_total";

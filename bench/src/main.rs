@@ -21,6 +21,7 @@
 //! error.
 
 mod chart;
+mod dlq_restart;
 mod latency;
 mod memory;
 mod parser;
@@ -61,6 +62,8 @@ enum Phase {
     Latency,
     Memory,
     Recovery,
+    /// An actor restart with an empty and with a large dead-letter topic.
+    DlqRestart,
 }
 
 /// Issue 7's benchmarks, side by side on the local services.
@@ -116,7 +119,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "parser,throughput,latency,memory,recovery"
+        default_value = "parser,throughput,latency,memory,recovery,dlq-restart"
     )]
     only: Vec<Phase>,
 }
@@ -535,7 +538,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
 
-    let processor = if wants(Phase::Memory) || wants(Phase::Recovery) {
+    let processor = if wants(Phase::Memory) || wants(Phase::Recovery) || wants(Phase::DlqRestart) {
         match &args.processor {
             Some(path) => Some(path.clone()),
             None => match memory::build_processor(&root) {
@@ -602,6 +605,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 results.memory = pairs;
             }
             Err(error) => results.failures.push(format!("memory: {error:#}")),
+        }
+    }
+
+    if let Some(processor) = processor.clone().filter(|_| wants(Phase::DlqRestart)) {
+        match guarded(async move { dlq_restart::rows(&processor).await }).await {
+            Ok(rows) => results.rows.extend(rows),
+            Err(error) => results.failures.push(format!("dlq restart: {error:#}")),
         }
     }
 

@@ -135,7 +135,7 @@ fn spawn_sampler(
 }
 
 /// The value of an unlabelled metric, or the highest value over its labels.
-fn scrape_max(body: &str, name: &str) -> Option<f64> {
+pub(crate) fn scrape_max(body: &str, name: &str) -> Option<f64> {
     body.lines()
         .filter(|line| !line.starts_with('#'))
         .filter(|line| {

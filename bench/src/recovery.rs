@@ -40,7 +40,7 @@ fn now_seconds() -> f64 {
 }
 
 /// The release processor on `env`, its admin endpoint on `admin`.
-fn start(processor: &Path, env: &TestEnv, admin: &str, log: &Path) -> anyhow::Result<Child> {
+pub(crate) fn start(processor: &Path, env: &TestEnv, admin: &str, log: &Path) -> anyhow::Result<Child> {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -58,7 +58,7 @@ fn start(processor: &Path, env: &TestEnv, admin: &str, log: &Path) -> anyhow::Re
 }
 
 /// Polls `condition` every 10 ms until it holds or `deadline` passes.
-async fn poll<F, Fut>(what: &str, deadline: Duration, mut condition: F) -> anyhow::Result<()>
+pub(crate) async fn poll<F, Fut>(what: &str, deadline: Duration, mut condition: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -78,7 +78,7 @@ async fn last_checkpoint_at(env: &TestEnv) -> f64 {
     stream_bins::inspect::last_checkpoint_at(&env.config.postgres_url).await
 }
 
-async fn lag(env: &TestEnv) -> i64 {
+pub(crate) async fn lag(env: &TestEnv) -> i64 {
     let connections = env.connections();
     let Ok(ends) =
         stream_bins::inspect::end_offsets_async(&connections.brokers, &connections.topic).await
@@ -110,11 +110,11 @@ async fn committed(env: &TestEnv) -> i64 {
     .unwrap_or(0)
 }
 
-fn ready(admin: &str) -> bool {
+pub(crate) fn ready(admin: &str) -> bool {
     matches!(scratch::http_get(admin, "/readyz"), Ok((200, _)))
 }
 
-fn generation(admin: &str) -> Option<u64> {
+pub(crate) fn generation(admin: &str) -> Option<u64> {
     let (_, body) = scratch::http_get(admin, "/status").ok()?;
     serde_json::from_str::<serde_json::Value>(&body)
         .ok()?
@@ -235,7 +235,7 @@ async fn round(processor: &Path, index: usize, log: &Path) -> anyhow::Result<Rou
     })
 }
 
-fn median_and_worst(mut values: Vec<f64>) -> (f64, f64) {
+pub(crate) fn median_and_worst(mut values: Vec<f64>) -> (f64, f64) {
     values.sort_by(f64::total_cmp);
     (values[values.len() / 2], values[values.len() - 1])
 }

@@ -517,3 +517,69 @@ async fn streamctl_kill_restarts_from_the_checkpoint_and_past_the_intensity_the_
     );
     assert!(processor.log_tail().contains("more than 2 restarts"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dlq_index_holds_intents_and_confirmations_and_is_pruned_below_the_checkpoint() {
+    use std::collections::HashMap;
+    use stream_actors::models::SourcePosition;
+    use stream_actors::storage::{CheckpointStore, DlqIndex};
+    let env = TestEnv::new("dlqindex", 2).await;
+    let config = &env.config;
+    let limit = Duration::from_secs(10);
+    let checkpoints = CheckpointStore::connect(&config.postgres_url, limit)
+        .await
+        .expect("checkpoint store");
+    let index = DlqIndex::connect(&config.postgres_url, limit, &config.group_id, &config.topic)
+        .await
+        .expect("dlq index");
+    let at = |partition, offset| SourcePosition { partition, offset };
+    index
+        .intend(&[at(0, 5), at(0, 9), at(1, 3)], &[70, 80])
+        .await
+        .expect("intend");
+    // A second intent for a position keeps the first one's scan start.
+    index.intend(&[at(0, 9)], &[75, 85]).await.expect("intend");
+    index.confirm(&[at(0, 5)]).await.expect("confirm");
+    let everything = HashMap::from([(0, 0), (1, 0)]);
+    let mut found: Vec<(i32, i64, bool, Vec<i64>)> = index
+        .lookup(&everything)
+        .await
+        .expect("lookup")
+        .into_iter()
+        .map(|entry| {
+            let SourcePosition { partition, offset } = entry.position;
+            (partition, offset, entry.confirmed, entry.scan_from)
+        })
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            (0, 5, true, vec![70, 80]),
+            (0, 9, false, vec![70, 80]),
+            (1, 3, false, vec![70, 80]),
+        ]
+    );
+    // A floor leaves out what lies below it; another group sees nothing.
+    let past = index
+        .lookup(&HashMap::from([(0, 6)]))
+        .await
+        .expect("lookup");
+    assert_eq!(past.len(), 1, "{past:?}");
+    let other = DlqIndex::connect(&config.postgres_url, limit, "another-group", &config.topic)
+        .await
+        .expect("dlq index");
+    assert!(other.lookup(&everything).await.expect("lookup").is_empty());
+    // Forgetting drops unconfirmed intents only.
+    index.forget(&[at(0, 5), at(1, 3)]).await.expect("forget");
+    assert_eq!(index.lookup(&everything).await.expect("lookup").len(), 2);
+    // Pruning drops what the checkpoint has passed.
+    checkpoints
+        .persist(&config.group_id, &config.topic, &[(0, 6)])
+        .await
+        .expect("persist");
+    assert_eq!(index.prune().await.expect("prune"), 1);
+    let left = index.lookup(&everything).await.expect("lookup");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].position, at(0, 9));
+}
