@@ -50,17 +50,28 @@ pub struct PipelineConfig {
     /// (heartbeats go at a third of it). Kafka's `group.min.session.timeout.ms`
     /// refuses less than 6 s by default.
     pub session_timeout: Duration,
+    /// The most bytes of records in flight between the consumer and the
+    /// stores (see [`crate::budget`]); librdkafka's fetch and queue sizes
+    /// follow it.
+    pub max_in_flight_bytes: usize,
+    /// librdkafka's `max.poll.interval.ms`. The consumer polls at least every
+    /// 100 ms even while the pipeline is full (its partitions paused), so
+    /// only a hung consumer passes it.
+    pub max_poll_interval: Duration,
     /// Static group membership (`group.instance.id`; the pod name in
     /// Kubernetes): a restarted process with the same id takes its
     /// partitions back without a rebalance. Unique per running member;
     /// `None`: dynamic membership.
     pub group_instance_id: Option<String>,
     /// Whether replays are absorbed: unique `event_id` in PostgreSQL,
-    /// ReplacingMergeTree in ClickHouse, read-back in the DLQ writer. Only the
+    /// ReplacingMergeTree in ClickHouse, the DLQ index in the DLQ writer. Only the
     /// recovery tests' negative control turns it off (on fresh databases), to
     /// show that the tests would catch the duplicates.
     pub dedup: bool,
 }
+
+/// The default in-flight byte budget: 64 MiB.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 
 impl PipelineConfig {
     /// A configuration pointing at the local services started by `scripts/services.sh`.
@@ -85,6 +96,8 @@ impl PipelineConfig {
             max_record_bytes: crate::parse::DEFAULT_MAX_RECORD_BYTES,
             max_field_bytes: crate::parse::DEFAULT_MAX_FIELD_BYTES,
             session_timeout: Duration::from_millis(6000),
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
+            max_poll_interval: Duration::from_secs(300),
             group_instance_id: None,
             dedup: true,
         }

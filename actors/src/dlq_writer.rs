@@ -52,6 +52,7 @@ use rdkafka::util::Timeout;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use crate::budget::HeldBytes;
 use crate::committer::CommitterMsg;
 use crate::error::PipelineError;
 use crate::faults::{CrashPoint, Faults};
@@ -221,6 +222,8 @@ pub enum DlqWriterMsg {
         records: Vec<PoisonRecord>,
         /// This message's slot in the DLQ writer's mailbox.
         permit: MailboxPermit,
+        /// The records' bytes against the in-flight budget, held until delivered.
+        bytes: HeldBytes,
     },
     /// These partitions were assigned at these checkpoints (next offset to
     /// read; `None`: from the start): look up what is already dead-lettered.
@@ -284,9 +287,21 @@ fn dlq_end_offsets(producer: &FutureProducer, topic: &str) -> Result<Vec<i64>, P
         .topics()
         .iter()
         .filter(|candidate| candidate.name() == topic)
-        .flat_map(|candidate| candidate.partitions().iter().map(|partition| partition.id()))
+        .flat_map(|candidate| {
+            candidate
+                .partitions()
+                .iter()
+                .map(|partition| partition.id())
+        })
         .collect();
-    let mut ends = vec![0; partitions.iter().map(|id| *id as usize + 1).max().unwrap_or(0)];
+    let mut ends = vec![
+        0;
+        partitions
+            .iter()
+            .map(|id| *id as usize + 1)
+            .max()
+            .unwrap_or(0)
+    ];
     for partition in partitions {
         let (_, high) = client
             .fetch_watermarks(topic, partition, crate::topic::KAFKA_TIMEOUT)
@@ -390,7 +405,8 @@ impl DlqWriterState {
             .collect();
         let progress = &self.args.progress;
         let pruned = until_done(progress, "prune the dlq index", || index.prune()).await?;
-        let indexed = until_done(progress, "look up the dlq index", || index.lookup(&floors)).await?;
+        let indexed =
+            until_done(progress, "look up the dlq index", || index.lookup(&floors)).await?;
         let (confirmed, unconfirmed): (Vec<_>, Vec<_>) =
             indexed.into_iter().partition(|entry| entry.confirmed);
         let mut found: HashSet<(i32, i64)> = confirmed
@@ -411,7 +427,13 @@ impl DlqWriterState {
             let (wanted_there, starts_there) = (wanted.clone(), starts.clone());
             // Bounded by the read's own deadline.
             let read = tokio::task::spawn_blocking(move || {
-                delivered_among(&brokers, &dlq_topic, &source_topic, &starts_there, &wanted_there)
+                delivered_among(
+                    &brokers,
+                    &dlq_topic,
+                    &source_topic,
+                    &starts_there,
+                    &wanted_there,
+                )
             });
             let delivered = progress
                 .protect(read)
@@ -421,8 +443,14 @@ impl DlqWriterState {
                 .iter()
                 .map(|entry| entry.position)
                 .partition(|position| delivered.contains(&(position.partition, position.offset)));
-            until_done(progress, "confirm dead letters found", || index.confirm(&delivered)).await?;
-            until_done(progress, "forget undelivered intents", || index.forget(&lost)).await?;
+            until_done(progress, "confirm dead letters found", || {
+                index.confirm(&delivered)
+            })
+            .await?;
+            until_done(progress, "forget undelivered intents", || {
+                index.forget(&lost)
+            })
+            .await?;
             info!(
                 unconfirmed = wanted.len(),
                 found_delivered = delivered.len(),
@@ -430,7 +458,11 @@ impl DlqWriterState {
                 ?starts,
                 "resolved dead-letter intents without confirmation"
             );
-            found.extend(delivered.iter().map(|position| (position.partition, position.offset)));
+            found.extend(
+                delivered
+                    .iter()
+                    .map(|position| (position.partition, position.offset)),
+            );
         }
         let partitions: HashSet<i32> = floors.keys().copied().collect();
         self.already_written
@@ -579,7 +611,11 @@ impl Actor for DlqWriterActor {
         state.args.faults.at_message_start("dlq_writer").await;
         match message {
             DlqWriterMsg::Assigned(assigned) => state.look_up(assigned).await?,
-            DlqWriterMsg::Write { records, permit } => {
+            DlqWriterMsg::Write {
+                records,
+                permit,
+                bytes,
+            } => {
                 let positions: Vec<_> = records.iter().map(|record| record.raw.position).collect();
                 let before = records.len();
                 let remaining: Vec<PoisonRecord> = records
@@ -602,15 +638,18 @@ impl Actor for DlqWriterActor {
                     remaining.iter().map(|record| record.raw.position).collect();
                 if let Some(index) = state.args.index.clone().filter(|_| !delivered.is_empty()) {
                     let progress = &state.args.progress;
-                    let scan_from = until_done(progress, "read the dead-letter topic's end offsets", || {
-                        let (producer, topic) =
-                            (state.args.producer.clone(), state.args.dlq_topic.clone());
-                        async move {
-                            tokio::task::spawn_blocking(move || dlq_end_offsets(&producer, &topic))
+                    let scan_from =
+                        until_done(progress, "read the dead-letter topic's end offsets", || {
+                            let (producer, topic) =
+                                (state.args.producer.clone(), state.args.dlq_topic.clone());
+                            async move {
+                                tokio::task::spawn_blocking(move || {
+                                    dlq_end_offsets(&producer, &topic)
+                                })
                                 .await?
-                        }
-                    })
-                    .await?;
+                            }
+                        })
+                        .await?;
                     until_done(progress, "record dead-letter intents", || {
                         index.intend(&delivered, &scan_from)
                     })
@@ -646,8 +685,10 @@ impl Actor for DlqWriterActor {
                 if let Some(index) = state.args.index.clone() {
                     state.args.faults.reached(CrashPoint::AfterDlqDelivery);
                     let progress = &state.args.progress;
-                    until_done(progress, "confirm dead letters", || index.confirm(&delivered))
-                        .await?;
+                    until_done(progress, "confirm dead letters", || {
+                        index.confirm(&delivered)
+                    })
+                    .await?;
                     remember(&mut state.already_written, &delivered);
                     if state.last_prune.elapsed() >= PRUNE_EVERY {
                         state.last_prune = Instant::now();
@@ -661,7 +702,7 @@ impl Actor for DlqWriterActor {
                     source: AckSource::DeadLetter,
                     positions,
                 })?;
-                drop(permit);
+                drop((permit, bytes));
             }
         }
         Ok(())

@@ -56,7 +56,8 @@ impl CrashPoint {
     }
 
     fn parse(name: &str) -> Option<CrashPoint> {
-        CrashPoint::ALL.into_iter()
+        CrashPoint::ALL
+            .into_iter()
             .find(|point| point.name() == name)
     }
 }

@@ -22,6 +22,7 @@
 //! - [`config`], [`error`], [`metrics`]: configuration, the error type, metric names.
 
 pub mod breaker;
+pub mod budget;
 pub mod committer;
 pub mod config;
 pub mod consumer;

@@ -192,6 +192,19 @@ impl<M: Message> BoundedSender<M> {
             .map_err(|_| MailboxError::Closed(self.bound.stats.actor))
     }
 
+    /// Waits for a free slot and takes it, to send into later with
+    /// [`BoundedSender::cast`]. Cancel-safe: nothing is taken unless it returns.
+    pub async fn reserve(&self) -> Result<MailboxPermit, MailboxError> {
+        self.bound.acquire().await
+    }
+
+    /// Casts a message built around a slot taken with [`BoundedSender::reserve`].
+    pub fn cast(&self, message: M) -> Result<(), MailboxError> {
+        self.actor
+            .cast(message)
+            .map_err(|_| MailboxError::Closed(self.bound.stats.actor))
+    }
+
     /// The receiving actor, for command messages that bypass the bound.
     pub fn actor(&self) -> &ActorRef<M> {
         &self.actor

@@ -25,6 +25,13 @@ pub const CHECKPOINT_OFFSET: &str = "stream_checkpoint_offset";
 pub const CHECKPOINTS_PERSISTED: &str = "stream_checkpoints_persisted_total";
 /// Records consumed but not yet acknowledged by the sink or the DLQ (gauge).
 pub const IN_FLIGHT: &str = "stream_in_flight_records";
+/// Bytes of records the pipeline holds between the consumer and the stores (gauge).
+pub const IN_FLIGHT_BYTES: &str = "stream_in_flight_bytes";
+/// The in-flight byte budget, `--max-in-flight-bytes` (gauge).
+pub const IN_FLIGHT_BYTES_LIMIT: &str = "stream_in_flight_bytes_limit";
+/// Times the consumer paused its partitions because the pipeline was full
+/// (counter); it keeps polling while paused, so it stays in the group.
+pub const CONSUMER_PAUSES: &str = "stream_consumer_pauses_total";
 /// Records behind the end of the partition: end offset minus committed offset (gauge, label `partition`).
 pub const CONSUMER_LAG: &str = "stream_consumer_lag";
 /// SQS messages received; a redelivery counts again (counter).

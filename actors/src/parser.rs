@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
+use crate::budget::{record_bytes, HeldBytes};
 use crate::dlq_writer::DlqWriterMsg;
 use crate::mailbox::{BoundedSender, MailboxPermit};
 use crate::models::{PoisonRecord, RawRecord, ValidRecord};
@@ -45,6 +46,10 @@ pub enum ParserMsg {
         records: Vec<RawRecord>,
         /// This message's slot in the parser's mailbox.
         permit: MailboxPermit,
+        /// The records' bytes against the in-flight budget: the parser
+        /// hands the poison records' share to the DLQ writer and the rest
+        /// to the sink.
+        bytes: HeldBytes,
     },
 }
 
@@ -99,18 +104,30 @@ impl Actor for ParserActor {
         let _working = state.args.progress.working();
         state.args.faults.at_message_start("parser").await;
         match message {
-            ParserMsg::Parse { records, permit } => {
+            ParserMsg::Parse {
+                records,
+                permit,
+                mut bytes,
+            } => {
                 state.args.rules.now_ms = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map(|elapsed| elapsed.as_millis() as i64)
                     .unwrap_or_default();
                 let (valid, poison) = split_batch(records, &state.args.rules);
+                let poison_bytes = poison
+                    .iter()
+                    .map(|record| {
+                        record_bytes(record.raw.key.as_deref(), record.raw.payload.as_deref())
+                    })
+                    .sum();
+                let dlq_bytes = bytes.split(poison_bytes);
                 // A full mailbox downstream is backpressure, not a hang.
                 let progress = &state.args.progress;
                 if !valid.is_empty() {
                     let send = state.args.sink.send(|sink_permit| SinkMsg::Store {
                         records: valid,
                         permit: sink_permit,
+                        bytes,
                     });
                     progress.protect(send).await?;
                 }
@@ -121,6 +138,7 @@ impl Actor for ParserActor {
                         .send(|dlq_permit| DlqWriterMsg::Write {
                             records: poison,
                             permit: dlq_permit,
+                            bytes: dlq_bytes,
                         });
                     progress.protect(send).await?;
                 }

@@ -33,6 +33,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{info, warn};
 
 use crate::breaker::CircuitBreaker;
+use crate::budget::{record_bytes, HeldBytes};
 use crate::committer::CommitterMsg;
 use crate::config::PipelineConfig;
 use crate::dlq_writer::DlqWriterMsg;
@@ -71,6 +72,8 @@ pub enum SinkMsg {
         records: Vec<ValidRecord>,
         /// This message's slot in the sink's mailbox, held until written.
         permit: MailboxPermit,
+        /// The records' bytes against the in-flight budget, held until written.
+        bytes: HeldBytes,
     },
     /// The linger time of the oldest buffered record is up.
     Flush,
@@ -87,6 +90,8 @@ pub struct SinkState {
     buffer: Vec<ValidRecord>,
     /// The slots of the buffered messages.
     buffered_permits: Vec<MailboxPermit>,
+    /// The bytes of the buffered records against the in-flight budget.
+    buffered_bytes: Vec<HeldBytes>,
     /// Whether a `Flush` is already scheduled.
     flush_scheduled: bool,
     /// One breaker per store.
@@ -207,9 +212,17 @@ impl SinkState {
         }
         if !refused.is_empty() {
             let count = refused.len();
+            let refused_bytes = refused
+                .iter()
+                .map(|record| {
+                    record_bytes(record.raw.key.as_deref(), record.raw.payload.as_deref())
+                })
+                .sum();
+            let bytes = HeldBytes::take_from(&mut self.buffered_bytes, refused_bytes);
             let send = self.args.dlq_writer.send(|permit| DlqWriterMsg::Write {
                 records: refused,
                 permit,
+                bytes,
             });
             self.args.progress.protect(send).await?;
             warn!(
@@ -237,6 +250,7 @@ impl SinkState {
             positions,
         })?;
         self.buffered_permits.clear();
+        self.buffered_bytes.clear();
         Ok(())
     }
 
@@ -484,6 +498,7 @@ impl Actor for SinkActor {
             postgres: Some(postgres),
             clickhouse,
             buffered_permits: Vec::new(),
+            buffered_bytes: Vec::new(),
             flush_scheduled: false,
             postgres_breaker: CircuitBreaker::new("postgres"),
             clickhouse_breaker: CircuitBreaker::new("clickhouse"),
@@ -499,9 +514,14 @@ impl Actor for SinkActor {
         let _working = state.args.progress.working();
         state.args.faults.at_message_start("sink").await;
         match message {
-            SinkMsg::Store { records, permit } => {
+            SinkMsg::Store {
+                records,
+                permit,
+                bytes,
+            } => {
                 state.buffer.extend(records);
                 state.buffered_permits.push(permit);
+                state.buffered_bytes.push(bytes);
                 if state.buffer.len() >= state.args.config.batch_size {
                     state.write_buffer().await?;
                 } else if !state.flush_scheduled {

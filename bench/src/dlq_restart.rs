@@ -61,12 +61,15 @@ fn fill_dlq(brokers: &str, dlq_topic: &str, source_topic: &str, count: u64) -> a
             ("dlq.replay.count", "0"),
         ]
         .into_iter()
-        .fold(OwnedHeaders::new_with_capacity(8), |headers, (key, value)| {
-            headers.insert(Header {
-                key,
-                value: Some(value),
-            })
-        });
+        .fold(
+            OwnedHeaders::new_with_capacity(8),
+            |headers, (key, value)| {
+                headers.insert(Header {
+                    key,
+                    value: Some(value),
+                })
+            },
+        );
         let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(dlq_topic)
             .payload(&payload[..])
             .headers(headers);
@@ -136,7 +139,10 @@ pub async fn rows(processor: &Path) -> anyhow::Result<Vec<Row>> {
         })
         .await?;
         let small = kills(&admin).await?;
-        eprintln!("bench: writing {DEAD_LETTERS} dead letters to {}", env.config.dlq_topic);
+        eprintln!(
+            "bench: writing {DEAD_LETTERS} dead letters to {}",
+            env.config.dlq_topic
+        );
         let (brokers, dlq_topic, topic) = (
             env.config.brokers.clone(),
             env.config.dlq_topic.clone(),
@@ -145,7 +151,10 @@ pub async fn rows(processor: &Path) -> anyhow::Result<Vec<Row>> {
         let filled = Instant::now();
         tokio::task::spawn_blocking(move || fill_dlq(&brokers, &dlq_topic, &topic, DEAD_LETTERS))
             .await??;
-        eprintln!("bench: wrote them in {:.1} s", filled.elapsed().as_secs_f64());
+        eprintln!(
+            "bench: wrote them in {:.1} s",
+            filled.elapsed().as_secs_f64()
+        );
         let large = kills(&admin).await?;
         anyhow::Ok((small, large))
     }

@@ -8,7 +8,7 @@
 //! capacity, and with the bound effectively lifted (a capacity of 100,000
 //! messages, the largest `--mailbox-capacity` accepts: each message carries a
 //! batch of up to `--batch-size` records, so the bound never bites on a
-//! backlog of a million). Memory only queues where a stage is slower than the
+//! backlog of a million; and the largest `--max-in-flight-bytes`, 2 GiB). Memory only queues where a stage is slower than the
 //! one before it, so besides the default settings there is a slow-sink
 //! scenario (a small `--batch-size`: many more store round trips per event)
 //! in which the consumer outruns the sink: there the lifted bound is the
@@ -178,9 +178,16 @@ async fn drain(
     let admin = format!("127.0.0.1:{}", scratch::free_port());
     let log_file =
         std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    // The lifted bound lifts the byte budget too (its largest value).
+    let budget: &[&str] = if label == "unbounded" {
+        &["--max-in-flight-bytes", "2147483648"]
+    } else {
+        &[]
+    };
     let mut child = Command::new(processor)
         .args(env.processor_flags())
         .args(["--mailbox-capacity", &capacity.to_string()])
+        .args(budget)
         .args(["--metrics-addr", &admin])
         .args(flags)
         .stdin(Stdio::null())

@@ -40,7 +40,12 @@ fn now_seconds() -> f64 {
 }
 
 /// The release processor on `env`, its admin endpoint on `admin`.
-pub(crate) fn start(processor: &Path, env: &TestEnv, admin: &str, log: &Path) -> anyhow::Result<Child> {
+pub(crate) fn start(
+    processor: &Path,
+    env: &TestEnv,
+    admin: &str,
+    log: &Path,
+) -> anyhow::Result<Child> {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -58,7 +63,11 @@ pub(crate) fn start(processor: &Path, env: &TestEnv, admin: &str, log: &Path) ->
 }
 
 /// Polls `condition` every 10 ms until it holds or `deadline` passes.
-pub(crate) async fn poll<F, Fut>(what: &str, deadline: Duration, mut condition: F) -> anyhow::Result<()>
+pub(crate) async fn poll<F, Fut>(
+    what: &str,
+    deadline: Duration,
+    mut condition: F,
+) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

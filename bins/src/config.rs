@@ -342,6 +342,19 @@ pub struct ProcessorConfig {
     /// Kafka's group.min/max.session.timeout.ms accept by default).
     #[arg(long, env = "SESSION_TIMEOUT_MS", default_value_t = 6000)]
     pub session_timeout_ms: u64,
+    /// The most bytes of records in flight between the consumer and the
+    /// stores; past it the consumer pauses its partitions (still polling, so
+    /// it stays in the group) until records are stored or dead-lettered.
+    /// librdkafka's queue and each fetch get a quarter of it. A record
+    /// larger than all of it still goes, alone (1048576..=2147483648).
+    #[arg(long, env = "MAX_IN_FLIGHT_BYTES", default_value_t = stream_actors::config::DEFAULT_MAX_IN_FLIGHT_BYTES)]
+    pub max_in_flight_bytes: usize,
+    /// librdkafka's max.poll.interval.ms: a consumer that does not poll for
+    /// this long leaves the group. The consumer polls every 100 ms even
+    /// while paused, so only a hung one does (at least
+    /// --session-timeout-ms, at most 86400000).
+    #[arg(long, env = "MAX_POLL_INTERVAL_MS", default_value_t = 300_000)]
+    pub max_poll_interval_ms: u64,
     /// Static group membership: this member's group.instance.id, unique in
     /// the group (in Kubernetes, the pod name). A restarted processor with
     /// the same id takes its partitions back without a rebalance. Unset:
@@ -428,6 +441,18 @@ impl ProcessorConfig {
             "--session-timeout-ms",
             "SESSION_TIMEOUT_MS",
         )?;
+        in_range(
+            self.max_in_flight_bytes,
+            1024 * 1024..=2 * 1024 * 1024 * 1024,
+            "--max-in-flight-bytes",
+            "MAX_IN_FLIGHT_BYTES",
+        )?;
+        in_range(
+            self.max_poll_interval_ms,
+            self.session_timeout_ms..=86_400_000,
+            "--max-poll-interval-ms",
+            "MAX_POLL_INTERVAL_MS",
+        )?;
         let group_instance_id = match self.group_instance_id.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(id) if valid_kafka_name(id) => Some(id.to_string()),
@@ -510,6 +535,8 @@ impl ProcessorConfig {
             max_record_bytes: self.max_record_bytes,
             max_field_bytes: self.max_field_bytes,
             session_timeout: Duration::from_millis(self.session_timeout_ms),
+            max_in_flight_bytes: self.max_in_flight_bytes,
+            max_poll_interval: Duration::from_millis(self.max_poll_interval_ms),
             group_instance_id,
             ..self.connections.pipeline_config()
         };

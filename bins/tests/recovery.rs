@@ -246,7 +246,10 @@ async fn a_crash_after_the_dead_letters_delivery_before_its_confirmation_dead_le
     eprintln!("{}", audit.render());
     assert_clean(&audit, &ledger);
     let (found, lost) = resolved_intents(&log);
-    assert!(found > 0 && lost == 0, "found {found}, not delivered {lost}");
+    assert!(
+        found > 0 && lost == 0,
+        "found {found}, not delivered {lost}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,7 +259,10 @@ async fn a_crash_after_the_dead_letter_intent_before_the_produce_loses_no_dead_l
     eprintln!("{}", audit.render());
     assert_clean(&audit, &ledger);
     let (found, lost) = resolved_intents(&log);
-    assert!(found == 0 && lost > 0, "found {found}, not delivered {lost}");
+    assert!(
+        found == 0 && lost > 0,
+        "found {found}, not delivered {lost}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, Super
 use rand::Rng;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, Producer};
+use stream_actors::budget::ByteBudget;
 use stream_actors::committer::{CommitterActor, CommitterArgs, CommitterMsg, CommitterStatus};
 use stream_actors::consumer::{
     check_topics, create_consumer, CheckpointingContext, ConsumerActor, ConsumerArgs, ConsumerMsg,
@@ -364,6 +365,7 @@ impl Shared {
                 topic: config.topic.clone(),
                 batch_size: config.batch_size,
                 parser: parser_bound.sender_for(parser.clone()),
+                budget: ByteBudget::new(config.max_in_flight_bytes),
                 committer: committer.clone(),
                 dlq_writer: dlq_writer.clone(),
                 faults: self.faults.clone(),

@@ -56,8 +56,14 @@ pub fn consumer_settings(config: &PipelineConfig) -> ClientConfig {
                 .max(100)
                 .to_string(),
         )
-        .set("queued.max.messages.kbytes", "16384")
+        .set(
+            "max.poll.interval.ms",
+            config.max_poll_interval.as_millis().to_string(),
+        )
         .set("statistics.interval.ms", "1000");
+    for (name, value) in fetch_limits(config.max_in_flight_bytes) {
+        client_config.set(name, value.to_string());
+    }
     if let Some(instance) = &config.group_instance_id {
         client_config.set("group.instance.id", instance);
     }
@@ -69,6 +75,24 @@ pub fn consumer_settings(config: &PipelineConfig) -> ClientConfig {
             .set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
     }
     client_config
+}
+
+/// librdkafka's fetch and prefetch sizes, from the in-flight byte budget: its
+/// local queue (`queued.max.messages.kbytes`) and one fetch response
+/// (`fetch.max.bytes`) get a quarter of the budget each, so what the
+/// client holds besides the pipeline is bounded by the same setting. A
+/// record larger than a fetch still comes, alone (Kafka returns at least
+/// one record batch); `receive.message.max.bytes` stays at librdkafka's
+/// default, large enough for it, so a big record is a dead letter, never a
+/// stuck consumer.
+pub fn fetch_limits(max_in_flight_bytes: usize) -> [(&'static str, usize); 3] {
+    const MIB: usize = 1024 * 1024;
+    let quarter = (max_in_flight_bytes / 4).clamp(MIB, 50 * MIB);
+    [
+        ("queued.max.messages.kbytes", quarter / 1024),
+        ("fetch.max.bytes", quarter),
+        ("max.partition.fetch.bytes", quarter.min(MIB)),
+    ]
 }
 
 /// Builds the consumer (not yet subscribed).
@@ -141,6 +165,16 @@ pub fn rewind_to_checkpoint(
     let assignment = consumer
         .assignment()
         .map_err(PipelineError::kafka("read the assignment"))?;
+    // The last generation may have paused its intake; resume before the
+    // seek, which then decides where fetching starts again.
+    if context
+        .intake_paused
+        .swap(false, std::sync::atomic::Ordering::AcqRel)
+    {
+        consumer
+            .resume(&assignment)
+            .map_err(PipelineError::kafka("resume the paused partitions"))?;
+    }
     let partitions: Vec<i32> = assignment
         .elements()
         .iter()
@@ -264,5 +298,20 @@ mod tests {
         assert_eq!(settings.get("group.instance.id"), Some("processor-0"));
         assert_eq!(settings.get("session.timeout.ms"), Some("9000"));
         assert_eq!(settings.get("heartbeat.interval.ms"), Some("3000"));
+    }
+
+    #[test]
+    fn fetch_and_queue_sizes_follow_the_in_flight_budget() {
+        let mut config = PipelineConfig::local_defaults();
+        config.max_in_flight_bytes = 64 * 1024 * 1024;
+        config.max_poll_interval = Duration::from_secs(7);
+        let settings = consumer_settings(&config);
+        assert_eq!(settings.get("queued.max.messages.kbytes"), Some("16384"));
+        assert_eq!(settings.get("fetch.max.bytes"), Some("16777216"));
+        assert_eq!(settings.get("max.partition.fetch.bytes"), Some("1048576"));
+        assert_eq!(settings.get("max.poll.interval.ms"), Some("7000"));
+        // Small budgets keep a usable fetch; large ones stay at librdkafka's ceiling.
+        assert_eq!(fetch_limits(1024)[1].1, 1024 * 1024);
+        assert_eq!(fetch_limits(4 << 30)[1].1, 50 * 1024 * 1024);
     }
 }

@@ -14,9 +14,15 @@
 //!   of a rejoin.
 //! - this module: the actor's poll loop.
 //!
-//! Backpressure: when the parser's mailbox is full, `send` waits and the
-//! consumer stops polling; librdkafka's prefetch queue fills and fetching
-//! stops, so a burst becomes lag, not memory.
+//! Backpressure, in messages and in bytes: a batch goes to the parser only
+//! with a slot in its mailbox and its bytes taken from the in-flight budget
+//! ([`crate::budget`]). A batch stops growing at `--batch-size` records or a
+//! quarter of the budget. While there is no room the consumer pauses its
+//! partitions (`pause()`) and keeps polling, every [`POLL_WAIT`] at most, so
+//! the member keeps its place in the group through an outage of any length
+//! (`max.poll.interval.ms` counts from the last poll); when room comes it
+//! resumes them and librdkafka fetches from the record after the last one
+//! it returned. A burst becomes lag, not memory.
 //!
 //! If it fails (the broker gone for good, a checkpoint it cannot read), its
 //! supervisor restarts the pipeline; records it read but did not commit are
@@ -29,6 +35,7 @@ pub use client::{check_topics, create_consumer, rewind_to_checkpoint};
 pub use rebalance::{CheckpointingContext, RebalanceNotice};
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +45,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use tracing::{info, warn};
 
+use crate::budget::{record_bytes, ByteBudget};
 use crate::committer::CommitterMsg;
 use crate::dlq_writer::DlqWriterMsg;
 use crate::error::PipelineError;
@@ -46,7 +54,9 @@ use crate::metrics as names;
 use crate::models::{RawRecord, SourcePosition};
 use crate::parser::ParserMsg;
 
-/// How long one poll waits for the first record, so the actor stays responsive.
+/// How long one poll waits for the first record, and how long the consumer
+/// waits for room in the pipeline between two polls, so the actor stays
+/// responsive and the member stays in its group.
 const POLL_WAIT: Duration = Duration::from_millis(100);
 
 /// What the consumer starts with.
@@ -59,6 +69,8 @@ pub struct ConsumerArgs {
     pub batch_size: usize,
     /// The parser's bounded mailbox.
     pub parser: BoundedSender<ParserMsg>,
+    /// The in-flight byte budget of this generation.
+    pub budget: Arc<ByteBudget>,
     /// The committer, told what is handed out.
     pub committer: ActorRef<CommitterMsg>,
     /// The DLQ writer, told each assignment's checkpoints before any record.
@@ -79,6 +91,10 @@ pub enum ConsumerMsg {
 /// The consumer's state.
 pub struct ConsumerState {
     args: ConsumerArgs,
+    /// Records read but not handed out yet: no room in the pipeline.
+    pending: Vec<RawRecord>,
+    /// Whether the assigned partitions are paused.
+    paused: bool,
 }
 
 /// The consumer actor.
@@ -114,7 +130,12 @@ impl Actor for ConsumerActor {
                 .subscribe(&[&args.topic])
                 .map_err(PipelineError::kafka(format!("subscribe to {}", args.topic)))?;
         }
-        Ok(ConsumerState { args })
+        metrics::counter!(names::CONSUMER_PAUSES).increment(0);
+        Ok(ConsumerState {
+            args,
+            pending: Vec::new(),
+            paused: false,
+        })
     }
 
     async fn post_start(
@@ -137,17 +158,36 @@ impl Actor for ConsumerActor {
         match message {
             ConsumerMsg::Poll => {
                 let consumer = state.args.consumer.clone();
-                let batch_size = state.args.batch_size;
+                let limits = BatchLimits {
+                    records: state.args.batch_size,
+                    bytes: (state.args.budget.limit() / 4).max(1),
+                };
+                // Holding a batch already: only serve the group, do not wait.
+                let wait = if state.pending.is_empty() {
+                    POLL_WAIT
+                } else {
+                    Duration::ZERO
+                };
+                let mut pending = std::mem::take(&mut state.pending);
                 // Bounded by the poll's own wait and the rebalance deadlines.
-                let poll = tokio::task::spawn_blocking(move || poll_batch(&consumer, batch_size));
-                let records = state.args.progress.protect(poll).await??;
+                let poll = tokio::task::spawn_blocking(move || {
+                    let polled = poll_batch(&consumer, &mut pending, limits, wait);
+                    (pending, polled)
+                });
+                let (pending, polled) = state.args.progress.protect(poll).await?;
+                state.pending = pending;
+                polled?;
+                let mut newly_assigned = false;
                 for notice in state.args.consumer.context().take_notices() {
                     match notice {
                         // Before any record of these partitions goes out.
-                        RebalanceNotice::Assigned(assigned) => state
-                            .args
-                            .dlq_writer
-                            .cast(DlqWriterMsg::Assigned(assigned))?,
+                        RebalanceNotice::Assigned(assigned) => {
+                            newly_assigned = true;
+                            state
+                                .args
+                                .dlq_writer
+                                .cast(DlqWriterMsg::Assigned(assigned))?
+                        }
                         // Already settled with the committer inside the callback.
                         RebalanceNotice::Revoked(_) => {}
                         RebalanceNotice::CheckpointUnavailable(reason) => {
@@ -158,22 +198,115 @@ impl Actor for ConsumerActor {
                         }
                     }
                 }
-                if !records.is_empty() {
-                    metrics::counter!(names::EVENTS_CONSUMED).increment(records.len() as u64);
-                    let positions = records.iter().map(|record| record.position).collect();
-                    state.args.committer.cast(CommitterMsg::Track(positions))?;
-                    // A full parser mailbox is backpressure, not a hang.
-                    let send = state
-                        .args
-                        .parser
-                        .send(|permit| ParserMsg::Parse { records, permit });
-                    state.args.progress.protect(send).await?;
+                if state.paused && newly_assigned {
+                    // Partitions assigned while paused come unpaused.
+                    set_intake(&state.args.consumer, Intake::Paused)?;
+                }
+                if !state.pending.is_empty() {
+                    state.hand_out().await?;
                 }
                 myself.cast(ConsumerMsg::Poll)?;
             }
         }
         Ok(())
     }
+}
+
+impl ConsumerState {
+    /// Hands the pending batch to the parser if there is room for it (a
+    /// mailbox slot and its bytes) within [`POLL_WAIT`]; otherwise pauses
+    /// the partitions and keeps the batch for the next turn.
+    async fn hand_out(&mut self) -> Result<(), ActorProcessingErr> {
+        let bytes: usize = self
+            .pending
+            .iter()
+            .map(|record| record_bytes(record.key.as_deref(), record.payload.as_deref()))
+            .sum();
+        let (budget, parser) = (&self.args.budget, &self.args.parser);
+        let room = async {
+            let held = budget.acquire(bytes).await;
+            let slot = parser.reserve().await?;
+            Ok::<_, crate::mailbox::MailboxError>((held, slot))
+        };
+        // A full pipeline is backpressure, not a hang.
+        let waited = self
+            .args
+            .progress
+            .protect(tokio::time::timeout(POLL_WAIT, room))
+            .await;
+        let Ok(room) = waited else {
+            if !self.paused {
+                set_intake(&self.args.consumer, Intake::Paused)?;
+                self.paused = true;
+                metrics::counter!(names::CONSUMER_PAUSES).increment(1);
+                info!(
+                    records = self.pending.len(),
+                    bytes,
+                    in_flight_bytes = budget.held(),
+                    "the pipeline is full; intake paused, still polling"
+                );
+            }
+            return Ok(());
+        };
+        let (held, slot) = room?;
+        if self.paused {
+            set_intake(&self.args.consumer, Intake::Running)?;
+            self.paused = false;
+            info!("room in the pipeline; intake resumed");
+        }
+        let records = std::mem::take(&mut self.pending);
+        metrics::counter!(names::EVENTS_CONSUMED).increment(records.len() as u64);
+        let positions = records.iter().map(|record| record.position).collect();
+        self.args.committer.cast(CommitterMsg::Track(positions))?;
+        self.args.parser.cast(ParserMsg::Parse {
+            records,
+            permit: slot,
+            bytes: held,
+        })?;
+        Ok(())
+    }
+}
+
+/// Whether the consumer takes records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Intake {
+    Running,
+    Paused,
+}
+
+/// Pauses or resumes every assigned partition. The client's own flag tells
+/// the next generation's rewind to resume them.
+fn set_intake(
+    consumer: &BaseConsumer<CheckpointingContext>,
+    intake: Intake,
+) -> Result<(), PipelineError> {
+    let assignment = consumer
+        .assignment()
+        .map_err(PipelineError::kafka("read the assignment"))?;
+    let context = consumer.context();
+    match intake {
+        Intake::Paused => {
+            context.intake_paused.store(true, Ordering::Release);
+            consumer
+                .pause(&assignment)
+                .map_err(PipelineError::kafka("pause the assigned partitions"))
+        }
+        Intake::Running => {
+            context.intake_paused.store(false, Ordering::Release);
+            consumer
+                .resume(&assignment)
+                .map_err(PipelineError::kafka("resume the assigned partitions"))
+        }
+    }
+}
+
+/// Where a batch stops growing.
+#[derive(Debug, Clone, Copy)]
+struct BatchLimits {
+    /// Records.
+    records: usize,
+    /// Bytes (as [`record_bytes`] counts them).
+    bytes: usize,
 }
 
 /// The `dlq.replay.count` header of a record replayed from the dead-letter topic.
@@ -200,36 +333,49 @@ fn drop_revoked(records: &mut Vec<RawRecord>, revoked: &HashSet<i32>) {
     }
 }
 
-/// Reads up to `batch_size` records: waits up to [`POLL_WAIT`] for the first,
-/// then takes what is already fetched without waiting. Rebalance callbacks
-/// run inside these polls. Fails when the client hit a fatal error, which
+/// Adds records to `records` until it holds `limits` (records or bytes):
+/// polls at least once (so the group is served even when the batch is
+/// full: records of paused partitions do not come), waits up to `wait` for
+/// the first record, then takes what is already fetched without waiting.
+/// Rebalance callbacks run inside these polls; records of partitions they
+/// revoked are dropped. Fails when the client hit a fatal error, which
 /// leaves it unusable: with static membership Kafka fences a member whose
 /// session expired while another incarnation with its `group.instance.id`
 /// joined (seen after a broker restart); the next generation takes a fresh
 /// client, which joins under the same id.
 fn poll_batch(
     consumer: &BaseConsumer<CheckpointingContext>,
-    batch_size: usize,
-) -> Result<Vec<RawRecord>, PipelineError> {
+    records: &mut Vec<RawRecord>,
+    limits: BatchLimits,
+    mut wait: Duration,
+) -> Result<(), PipelineError> {
     let context = consumer.context();
     let _polling = context.poll_lock.lock();
-    let mut records = Vec::new();
-    let mut wait = POLL_WAIT;
-    while records.len() < batch_size {
+    let size = |record: &RawRecord| record_bytes(record.key.as_deref(), record.payload.as_deref());
+    let mut bytes: usize = records.iter().map(size).sum();
+    loop {
         let polled = consumer.poll(wait);
-        drop_revoked(&mut records, &context.take_revoked());
+        let revoked = context.take_revoked();
+        if !revoked.is_empty() {
+            drop_revoked(records, &revoked);
+            bytes = records.iter().map(size).sum();
+        }
         match polled {
             None => break,
-            Some(Ok(message)) => records.push(RawRecord {
-                position: SourcePosition {
-                    partition: message.partition(),
-                    offset: message.offset(),
-                },
-                key: message.key().map(<[u8]>::to_vec),
-                payload: message.payload().map(<[u8]>::to_vec),
-                replay_count: replay_count(&message),
-                kafka_timestamp_ms: message.timestamp().to_millis(),
-            }),
+            Some(Ok(message)) => {
+                let record = RawRecord {
+                    position: SourcePosition {
+                        partition: message.partition(),
+                        offset: message.offset(),
+                    },
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().map(<[u8]>::to_vec),
+                    replay_count: replay_count(&message),
+                    kafka_timestamp_ms: message.timestamp().to_millis(),
+                };
+                bytes += size(&record);
+                records.push(record);
+            }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(poll_error)) => {
                 // Broker and transport errors are retried by librdkafka;
@@ -239,12 +385,15 @@ fn poll_batch(
             }
         }
         wait = Duration::ZERO;
+        if records.len() >= limits.records || bytes >= limits.bytes {
+            break;
+        }
     }
     if let Some((code, reason)) = consumer.client().fatal_error() {
         context.request_rejoin();
         return Err(PipelineError::KafkaFatal(format!("{code:?}: {reason}")));
     }
-    Ok(records)
+    Ok(())
 }
 
 #[cfg(test)]

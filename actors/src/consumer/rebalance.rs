@@ -137,6 +137,10 @@ pub struct CheckpointingContext {
     /// Set when this client must not be reused: the next generation joins
     /// the group with a fresh one.
     rejoin: AtomicBool,
+    /// Whether the consumer actor paused the assigned partitions (the
+    /// pipeline was full). The client outlives the actor: a rewind resumes
+    /// them for the next generation.
+    pub(super) intake_paused: AtomicBool,
 }
 
 impl CheckpointingContext {
@@ -156,6 +160,7 @@ impl CheckpointingContext {
             committer: Mutex::new(None),
             poll_lock: Mutex::new(()),
             rejoin: AtomicBool::new(false),
+            intake_paused: AtomicBool::new(false),
         }
     }
 
