@@ -15,7 +15,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{assert_clean, audit, Frozen, ProcessorProcess, TestEnv};
+use common::{assert_clean, audit, within, Frozen, ProcessorProcess, TestEnv};
 use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -25,18 +25,6 @@ use rdkafka::util::Timeout;
 
 /// The pod's memory limit in `k8s/` (512 MiB).
 const POD_LIMIT_BYTES: u64 = 512 * 1024 * 1024;
-
-/// Polls `condition` every 200 ms for at most `deadline`; whether it held.
-async fn within(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < deadline {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    false
-}
 
 /// A field of `/proc/<pid>/status` in bytes (VmRSS, VmHWM).
 fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {

@@ -9,19 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{assert_clean, audit, Frozen, ProcessorProcess, TestEnv};
-
-/// Polls `condition` every 200 ms for at most `deadline`; whether it held.
-async fn within(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < deadline {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    false
-}
+use common::{assert_clean, audit, within, Frozen, ProcessorProcess, TestEnv};
 
 /// Waits for loadgen and the catch-up, stops the processor (SIGTERM, exit 0)
 /// and audits: nothing lost, nothing duplicated.

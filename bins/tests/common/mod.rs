@@ -7,6 +7,18 @@ pub use stream_bins::scratch::*;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Polls `condition` every 200 ms for at most `deadline`; whether it held.
+pub async fn within(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
 /// A `processor` process on a scratch environment, with its admin endpoint
 /// on a free port and its log in a temporary file.
 pub struct ProcessorProcess {
