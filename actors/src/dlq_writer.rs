@@ -18,7 +18,8 @@
 //! every start, and in every rebalance) the consumer tells this actor the
 //! checkpoint of each (`Assigned`), before it hands out any of their records;
 //! the writer looks up the positions at or past the checkpoint in the index
-//! and skips them. An intent without confirmation (a crash between the
+//! and skips them. Confirmations ride on the next batch's intent statement
+//! (one round trip per batch); one not written yet is an unconfirmed intent. An intent without confirmation (a crash between the
 //! produce and the confirmation) is resolved by reading the dead-letter topic
 //! from the end offsets that intent recorded, never from the beginning: found
 //! there, it is confirmed; not found, it is forgotten and produced again. So
@@ -244,6 +245,16 @@ pub struct DlqWriterState {
     already_written: HashSet<(i32, i64)>,
     /// When the index was last pruned below the checkpoint.
     last_prune: Instant,
+    /// A lower bound of the dead-letter topic's end offset per partition (by
+    /// partition id): read from the broker once, then raised past every
+    /// dead letter delivered. Offsets only grow, so a lower bound is a safe
+    /// place to start looking for a dead letter produced after it, and it
+    /// costs no round trip per batch.
+    dlq_ends: Option<Vec<i64>>,
+    /// Delivered dead letters not confirmed in the index yet: confirmed with
+    /// the next batch's intents, in the same statement (one round trip per
+    /// batch instead of two). A restart before that reads them back.
+    unconfirmed: Vec<SourcePosition>,
 }
 
 /// How often the DLQ index is pruned below the checkpoint while running (it
@@ -311,6 +322,19 @@ fn dlq_end_offsets(producer: &FutureProducer, topic: &str) -> Result<Vec<i64>, P
         ends[partition as usize] = high;
     }
     Ok(ends)
+}
+
+/// Raises the known end offsets past the dead letters that landed.
+fn raise_ends(ends: &mut Vec<i64>, landed: &[(i32, i64)]) {
+    for (partition, offset) in landed {
+        let Ok(index) = usize::try_from(*partition) else {
+            continue;
+        };
+        if ends.len() <= index {
+            ends.resize(index + 1, 0);
+        }
+        ends[index] = ends[index].max(offset + 1);
+    }
 }
 
 /// Where to read the dead-letter topic from to find every one of these
@@ -404,6 +428,13 @@ impl DlqWriterState {
             .map(|(partition, next)| (*partition, next.unwrap_or(0)))
             .collect();
         let progress = &self.args.progress;
+        // What this writer delivered and has not confirmed yet: confirmed
+        // now, so the look-up need not read it back.
+        let delivered_before = std::mem::take(&mut self.unconfirmed);
+        until_done(progress, "confirm dead letters", || {
+            index.confirm(&delivered_before)
+        })
+        .await?;
         let pruned = until_done(progress, "prune the dlq index", || index.prune()).await?;
         let indexed =
             until_done(progress, "look up the dlq index", || index.lookup(&floors)).await?;
@@ -485,7 +516,8 @@ impl DlqWriterState {
     /// Returns the records that failed; one the topic refused permanently
     /// comes back in the next smaller [`Form`], to be tried again at once.
     /// The flag: some failure has no smaller form to try (wait, then retry).
-    async fn produce(&self, pending: Vec<Pending>) -> (Vec<Pending>, bool) {
+    /// Also returns where each delivered dead letter landed (partition, offset).
+    async fn produce(&self, pending: Vec<Pending>) -> (Vec<Pending>, bool, Vec<(i32, i64)>) {
         let failed_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|elapsed| elapsed.as_millis())
@@ -540,10 +572,12 @@ impl DlqWriterState {
         let results = join_all(deliveries).await;
         let mut failed = Vec::new();
         let mut must_wait = false;
+        let mut landed = Vec::new();
         for (Pending { record, form }, result) in pending.into_iter().zip(results) {
             let (partition, offset) = (record.raw.position.partition, record.raw.position.offset);
             match result {
-                Ok(_) => {
+                Ok(delivery) => {
+                    landed.push((delivery.partition, delivery.offset));
                     metrics::counter!(names::DLQ_MESSAGES, "error_type" => record.kind.label())
                         .increment(1);
                     if let Some(envelope) = form.label() {
@@ -570,7 +604,7 @@ impl DlqWriterState {
                 }
             }
         }
-        (failed, must_wait)
+        (failed, must_wait, landed)
     }
 }
 
@@ -598,6 +632,8 @@ impl Actor for DlqWriterActor {
             args,
             already_written: HashSet::new(),
             last_prune: Instant::now(),
+            dlq_ends: None,
+            unconfirmed: Vec::new(),
         })
     }
 
@@ -638,20 +674,28 @@ impl Actor for DlqWriterActor {
                     remaining.iter().map(|record| record.raw.position).collect();
                 if let Some(index) = state.args.index.clone().filter(|_| !delivered.is_empty()) {
                     let progress = &state.args.progress;
-                    let scan_from =
-                        until_done(progress, "read the dead-letter topic's end offsets", || {
-                            let (producer, topic) =
-                                (state.args.producer.clone(), state.args.dlq_topic.clone());
-                            async move {
-                                tokio::task::spawn_blocking(move || {
-                                    dlq_end_offsets(&producer, &topic)
-                                })
-                                .await?
-                            }
-                        })
+                    if state.dlq_ends.is_none() {
+                        let ends = until_done(
+                            progress,
+                            "read the dead-letter topic's end offsets",
+                            || {
+                                let (producer, topic) =
+                                    (state.args.producer.clone(), state.args.dlq_topic.clone());
+                                async move {
+                                    tokio::task::spawn_blocking(move || {
+                                        dlq_end_offsets(&producer, &topic)
+                                    })
+                                    .await?
+                                }
+                            },
+                        )
                         .await?;
+                        state.dlq_ends = Some(ends);
+                    }
+                    let scan_from = state.dlq_ends.clone().unwrap_or_default();
+                    let confirming = std::mem::take(&mut state.unconfirmed);
                     until_done(progress, "record dead-letter intents", || {
-                        index.intend(&delivered, &scan_from)
+                        index.intend(&delivered, &scan_from, &confirming)
                     })
                     .await?;
                     state.args.faults.reached(CrashPoint::AfterDlqIntent);
@@ -666,8 +710,11 @@ impl Actor for DlqWriterActor {
                 let mut backoff = FIRST_BACKOFF;
                 loop {
                     // Bounded by the producer's message.timeout.ms.
-                    let (failed, must_wait) =
+                    let (failed, must_wait, landed) =
                         state.args.progress.protect(state.produce(pending)).await;
+                    if let Some(ends) = state.dlq_ends.as_mut() {
+                        raise_ends(ends, &landed);
+                    }
                     pending = failed;
                     if pending.is_empty() {
                         break;
@@ -684,11 +731,7 @@ impl Actor for DlqWriterActor {
                 }
                 if let Some(index) = state.args.index.clone() {
                     state.args.faults.reached(CrashPoint::AfterDlqDelivery);
-                    let progress = &state.args.progress;
-                    until_done(progress, "confirm dead letters", || {
-                        index.confirm(&delivered)
-                    })
-                    .await?;
+                    state.unconfirmed.extend_from_slice(&delivered);
                     remember(&mut state.already_written, &delivered);
                     if state.last_prune.elapsed() >= PRUNE_EVERY {
                         state.last_prune = Instant::now();
@@ -795,6 +838,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn known_end_offsets_only_grow_past_what_landed() {
+        let mut ends = vec![10, 20];
+        raise_ends(&mut ends, &[(0, 14), (1, 5), (3, 7)]);
+        assert_eq!(ends, vec![15, 20, 0, 8]);
+        let intent = |scan_from: Vec<i64>| crate::storage::IndexedDeadLetter {
+            position: SourcePosition {
+                partition: 0,
+                offset: 1,
+            },
+            confirmed: false,
+            scan_from,
+        };
+        let starts = scan_starts(&[intent(vec![15, 20]), intent(vec![12, 25, 3])]);
+        assert_eq!(starts, BTreeMap::from([(0, 12), (1, 20), (2, 3)]));
     }
 
     #[test]

@@ -629,25 +629,44 @@ impl DlqIndex {
         })
     }
 
-    /// Records the intent to dead-letter these positions, before producing.
-    /// An intent already there keeps its older (further back) `scan_from`.
+    /// Records the intent to dead-letter `positions`, before producing, and
+    /// in the same statement confirms `delivered` (earlier dead letters the
+    /// broker acknowledged: confirming them late only means a restart reads
+    /// a little of the dead-letter topic for them). An intent already there
+    /// keeps its older (further back) `scan_from`.
     pub async fn intend(
         &self,
         positions: &[SourcePosition],
         scan_from: &[i64],
+        delivered: &[SourcePosition],
     ) -> Result<(), PipelineError> {
         let (group, topic) = (self.group.clone(), self.topic.clone());
         let (partitions, offsets) = split_positions(positions.iter().copied());
+        let (delivered_partitions, delivered_offsets) = split_positions(delivered.iter().copied());
         let scan_from = scan_from.to_vec();
         self.session
             .with_client("record dead-letter intents", move |client| {
                 Box::pin(async move {
                     client
                         .execute(
-                            "INSERT INTO dlq_positions (consumer_group, topic, partition, source_offset, scan_from)
+                            "WITH confirmed AS (
+                                 UPDATE dlq_positions d SET confirmed = true
+                                 FROM UNNEST($6::int4[], $7::int8[]) AS c(p, o)
+                                 WHERE d.consumer_group = $1 AND d.topic = $2
+                                   AND d.partition = c.p AND d.source_offset = c.o
+                                 RETURNING 1)
+                             INSERT INTO dlq_positions (consumer_group, topic, partition, source_offset, scan_from)
                              SELECT $1, $2, p, o, $5 FROM UNNEST($3::int4[], $4::int8[]) AS t(p, o)
                              ON CONFLICT DO NOTHING",
-                            &[&group, &topic, &partitions, &offsets, &scan_from],
+                            &[
+                                &group,
+                                &topic,
+                                &partitions,
+                                &offsets,
+                                &scan_from,
+                                &delivered_partitions,
+                                &delivered_offsets,
+                            ],
                         )
                         .await
                         .map_err(PipelineError::postgres("record dead-letter intents"))?;

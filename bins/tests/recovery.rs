@@ -540,12 +540,15 @@ async fn the_dlq_index_holds_intents_and_confirmations_and_is_pruned_below_the_c
         .expect("dlq index");
     let at = |partition, offset| SourcePosition { partition, offset };
     index
-        .intend(&[at(0, 5), at(0, 9), at(1, 3)], &[70, 80])
+        .intend(&[at(0, 5), at(0, 9), at(1, 3)], &[70, 80], &[])
         .await
         .expect("intend");
-    // A second intent for a position keeps the first one's scan start.
-    index.intend(&[at(0, 9)], &[75, 85]).await.expect("intend");
-    index.confirm(&[at(0, 5)]).await.expect("confirm");
+    // A second intent for a position keeps the first one's scan start; the
+    // same statement confirms what was delivered before.
+    index
+        .intend(&[at(0, 9)], &[75, 85], &[at(0, 5)])
+        .await
+        .expect("intend");
     let everything = HashMap::from([(0, 0), (1, 0)]);
     let mut found: Vec<(i32, i64, bool, Vec<i64>)> = index
         .lookup(&everything)
@@ -576,7 +579,9 @@ async fn the_dlq_index_holds_intents_and_confirmations_and_is_pruned_below_the_c
         .await
         .expect("dlq index");
     assert!(other.lookup(&everything).await.expect("lookup").is_empty());
-    // Forgetting drops unconfirmed intents only.
+    // Confirming on its own (a look-up's), then forgetting: only
+    // unconfirmed intents go.
+    index.confirm(&[at(0, 5)]).await.expect("confirm");
     index.forget(&[at(0, 5), at(1, 3)]).await.expect("forget");
     assert_eq!(index.lookup(&everything).await.expect("lookup").len(), 2);
     // Pruning drops what the checkpoint has passed.
