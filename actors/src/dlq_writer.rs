@@ -235,12 +235,12 @@ pub enum DlqWriterMsg {
 pub struct DlqWriterState {
     args: DlqWriterArgs,
     /// Source positions (partition, offset) at or past the checkpoint that the
-    /// dead-letter topic already holds: read back when their partition was
-    /// assigned, plus what this writer delivered since. Kafka can take a
+    /// dead-letter topic already holds: looked up in the DLQ index when their
+    /// partition was assigned, plus what this writer delivered since. Kafka can take a
     /// partition away and give it back to the same member (its session
     /// timed out while the broker was away, or a revoke's deadline dropped
     /// its work in flight): the old records still in the mailboxes reach
-    /// this writer after the new assignment's read-back, and the replay from
+    /// this writer after the new assignment's look-up, and the replay from
     /// the checkpoint brings the same positions again.
     already_written: HashSet<(i32, i64)>,
     /// When the index was last pruned below the checkpoint.
@@ -435,9 +435,13 @@ impl DlqWriterState {
             index.confirm(&delivered_before)
         })
         .await?;
-        let pruned = until_done(progress, "prune the dlq index", || index.prune()).await?;
+        // Look up before pruning: the persisted checkpoint can already be
+        // past these floors (acks of the last assignment's work in flight
+        // land after the partitions came back), and positions between the
+        // two may still be replayed by records handed out under this one.
         let indexed =
             until_done(progress, "look up the dlq index", || index.lookup(&floors)).await?;
+        let pruned = until_done(progress, "prune the dlq index", || index.prune()).await?;
         let (confirmed, unconfirmed): (Vec<_>, Vec<_>) =
             indexed.into_iter().partition(|entry| entry.confirmed);
         let mut found: HashSet<(i32, i64)> = confirmed
@@ -495,11 +499,15 @@ impl DlqWriterState {
                     .map(|position| (position.partition, position.offset)),
             );
         }
-        let partitions: HashSet<i32> = floors.keys().copied().collect();
-        self.already_written
-            .retain(|(partition, _)| !partitions.contains(partition));
+        // Forget only what lies below the new floors: what this writer
+        // delivered at or past them is in the topic, whatever the index
+        // says now (it may have been pruned already, see above).
+        self.already_written.retain(|(partition, offset)| {
+            floors.get(partition).is_none_or(|floor| *offset >= *floor)
+        });
+        let partitions = floors.len();
         info!(
-            partitions = partitions.len(),
+            partitions,
             already_dead_lettered = found.len(),
             pruned,
             took_ms = started.elapsed().as_millis() as u64,

@@ -373,7 +373,7 @@ pub struct ProcessorConfig {
     /// The window of the restart intensity, in seconds (1..=3600).
     #[arg(long, env = "RESTART_WINDOW_SECS", default_value_t = 60)]
     pub restart_window_secs: u64,
-    /// Test only: store replays twice (no unique key, no DLQ read-back), on
+    /// Test only: store replays twice (no unique key, no DLQ index), on
     /// fresh databases. The recovery tests' negative control.
     #[arg(long, env = "STREAM_UNSAFE_DISABLE_DEDUP", hide = true)]
     pub unsafe_disable_dedup: bool,

@@ -27,7 +27,17 @@ async fn finish(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_store_times_out_opens_the_breaker_and_the_pipeline_resumes_after_it() {
     let env = TestEnv::new("hung", 3).await;
-    let mut processor = ProcessorProcess::start(&env, &[("SERVICE_TIMEOUT_MS", "1000")]);
+    // Checkpoints every 5 s: at the freeze there is always an acknowledged
+    // run not persisted yet, so the committer tries a write while the store
+    // hangs (after the freeze nothing more is acknowledged: the sink and the
+    // DLQ writer's index both need PostgreSQL).
+    let mut processor = ProcessorProcess::start(
+        &env,
+        &[
+            ("SERVICE_TIMEOUT_MS", "1000"),
+            ("COMMIT_INTERVAL_MS", "5000"),
+        ],
+    );
     processor.wait_ready(Duration::from_secs(60));
     let production = env.produce_in_background(90_000, 1_500, 0.01, 31);
 

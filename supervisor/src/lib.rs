@@ -14,7 +14,7 @@
 //! records the others already tracked: only a restart from the persisted
 //! checkpoint (the Kafka client, which stays in the group, is rewound to the
 //! checkpoint) puts them back, and the idempotent sinks and the DLQ writer's
-//! read-back absorb the replay. A restart intensity bounds this: more than
+//! index absorb the replay. A restart intensity bounds this: more than
 //! `max_restarts` restarts within `window` and the supervisor escalates
 //! ([`PipelineExit::Failed`]) instead. Restart counts per actor are in
 //! [`PipelineStatus`] and in `stream_actor_restarts_total{actor}`.
@@ -412,7 +412,8 @@ impl Shared {
     }
 
     /// Waits (bounded) for the DLQ producer's deliveries in flight, so that
-    /// the next generation's read-back of the dead-letter topic sees them.
+    /// an intent the next generation finds unconfirmed was either delivered
+    /// or not, not still on its way.
     async fn flush_producer(&self) {
         let producer = self.producer.clone();
         let flushed =

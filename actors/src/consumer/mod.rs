@@ -204,6 +204,12 @@ impl Actor for ConsumerActor {
                 }
                 if !state.pending.is_empty() {
                     state.hand_out().await?;
+                } else if state.paused {
+                    // The batch that waited left with its partitions (a
+                    // rebalance revoked them): nothing waits for room now.
+                    set_intake(&state.args.consumer, Intake::Running)?;
+                    state.paused = false;
+                    info!("nothing waiting for room; intake resumed");
                 }
                 myself.cast(ConsumerMsg::Poll)?;
             }
