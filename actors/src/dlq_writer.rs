@@ -19,8 +19,9 @@
 //! checkpoint of each (`Assigned`), before it hands out any of their records;
 //! the writer looks up the positions at or past the checkpoint in the index
 //! and skips them. Confirmations ride on the next batch's intent statement
-//! (one round trip per batch); one not written yet is an unconfirmed intent. An intent without confirmation (a crash between the
-//! produce and the confirmation) is resolved by reading the dead-letter topic
+//! (one round trip per batch); one not written yet is an unconfirmed intent.
+//! An intent without confirmation (a crash between the produce and the
+//! confirmation) is resolved by reading the dead-letter topic
 //! from the end offsets that intent recorded, never from the beginning: found
 //! there, it is confirmed; not found, it is forgotten and produced again. So
 //! a restart costs the same whatever the size of the dead-letter topic.
@@ -203,7 +204,8 @@ pub struct DlqWriterArgs {
     pub dlq_topic: String,
     /// Told what is delivered.
     pub committer: ActorRef<CommitterMsg>,
-    /// Brokers, to read back where an intent has no confirmation.
+    /// Brokers, to read the dead-letter topic's end offsets, and back where
+    /// an intent has no confirmation.
     pub brokers: String,
     /// The DLQ index; `None` writes every dead letter, even one already in
     /// the topic (only the recovery tests' negative control).
@@ -286,42 +288,17 @@ fn remember(written: &mut HashSet<(i32, i64)>, delivered: &[crate::models::Sourc
     }
 }
 
-/// The dead-letter topic's end offset of each partition, by partition id:
-/// where a dead letter produced from now on can be found at the earliest.
-fn dlq_end_offsets(producer: &FutureProducer, topic: &str) -> Result<Vec<i64>, PipelineError> {
-    use rdkafka::producer::Producer;
-    let client = producer.client();
-    let metadata = client
-        .fetch_metadata(Some(topic), crate::topic::KAFKA_TIMEOUT)
-        .map_err(PipelineError::kafka(format!("read metadata of {topic}")))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|candidate| candidate.name() == topic)
-        .flat_map(|candidate| {
-            candidate
-                .partitions()
-                .iter()
-                .map(|partition| partition.id())
-        })
-        .collect();
-    let mut ends = vec![
-        0;
-        partitions
-            .iter()
-            .map(|id| *id as usize + 1)
-            .max()
-            .unwrap_or(0)
-    ];
-    for partition in partitions {
-        let (_, high) = client
-            .fetch_watermarks(topic, partition, crate::topic::KAFKA_TIMEOUT)
-            .map_err(PipelineError::kafka(format!(
-                "read the end offset of {topic}/{partition}"
-            )))?;
-        ends[partition as usize] = high;
+/// The dead-letter topic's end offset of each partition, by partition id
+/// ([`crate::topic::end_offsets`]): where a dead letter produced from now on
+/// can be found at the earliest. Blocking.
+fn dlq_end_offsets(brokers: &str, topic: &str) -> Result<Vec<i64>, PipelineError> {
+    let ends = crate::topic::end_offsets(brokers, topic)
+        .map_err(|error| PipelineError::DlqTopic(format!("{error:#}")))?;
+    let mut by_id = vec![0; ends.keys().map(|id| *id as usize + 1).max().unwrap_or(0)];
+    for (partition, end) in ends {
+        by_id[partition as usize] = end;
     }
-    Ok(ends)
+    Ok(by_id)
 }
 
 /// Raises the known end offsets past the dead letters that landed.
@@ -473,7 +450,7 @@ impl DlqWriterState {
             let delivered = progress
                 .protect(read)
                 .await?
-                .map_err(|error| PipelineError::ReadBack(format!("{error:#}")))?;
+                .map_err(|error| PipelineError::DlqTopic(format!("{error:#}")))?;
             let (delivered, lost): (Vec<SourcePosition>, Vec<SourcePosition>) = unconfirmed
                 .iter()
                 .map(|entry| entry.position)
@@ -687,11 +664,11 @@ impl Actor for DlqWriterActor {
                             progress,
                             "read the dead-letter topic's end offsets",
                             || {
-                                let (producer, topic) =
-                                    (state.args.producer.clone(), state.args.dlq_topic.clone());
+                                let (brokers, topic) =
+                                    (state.args.brokers.clone(), state.args.dlq_topic.clone());
                                 async move {
                                     tokio::task::spawn_blocking(move || {
-                                        dlq_end_offsets(&producer, &topic)
+                                        dlq_end_offsets(&brokers, &topic)
                                     })
                                     .await?
                                 }

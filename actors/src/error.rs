@@ -56,10 +56,10 @@ pub enum PipelineError {
     /// A blocking call run off the runtime panicked or was cancelled.
     #[error("blocking task: {0}")]
     Blocking(#[from] tokio::task::JoinError),
-    /// The dead-letter topic could not be read where an intent had no
-    /// confirmation.
-    #[error("read back unconfirmed dead letters: {0}")]
-    ReadBack(String),
+    /// The dead-letter topic's end offsets, or its records where an intent
+    /// had no confirmation, could not be read.
+    #[error("dead-letter topic: {0}")]
+    DlqTopic(String),
     /// A restart could not put the consumer back at the checkpoint.
     #[error("rewind to the checkpoint: {0}")]
     Rewind(String),
