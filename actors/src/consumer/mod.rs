@@ -198,9 +198,17 @@ impl Actor for ConsumerActor {
                         }
                     }
                 }
-                if state.paused && newly_assigned {
-                    // Partitions assigned while paused come unpaused.
-                    set_intake(&state.args.consumer, Intake::Paused)?;
+                if newly_assigned {
+                    // librdkafka keeps a partition's pause across a
+                    // revocation: one revoked while paused comes back
+                    // paused, and one assigned while paused comes unpaused.
+                    // Make every assigned partition match the intake.
+                    let intake = if state.paused {
+                        Intake::Paused
+                    } else {
+                        Intake::Running
+                    };
+                    set_intake(&state.args.consumer, intake)?;
                 }
                 if !state.pending.is_empty() {
                     state.hand_out().await?;
