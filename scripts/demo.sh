@@ -67,6 +67,11 @@ promql() {
 }
 
 say "== 1. processor =="
+# The admin token for the kill routes: a fresh random one per demo run, in
+# a file only this user can read (the processor and streamctl read it).
+ADMIN_TOKEN_FILE="$STATE/admin-token"
+(umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$ADMIN_TOKEN_FILE")
+export ADMIN_TOKEN_FILE
 PROCESSOR_PID=""
 start_processor() {
   # Static membership (as the pod name in Kubernetes): the restarted process

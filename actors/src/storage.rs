@@ -78,18 +78,85 @@ pub async fn create_table(client: &Client, ddl: &str) -> Result<(), tokio_postgr
         .await
 }
 
-/// Hides the password in a URL before it is logged.
+/// A connection string fit for a log line or an error: the password of a
+/// URL's user info, any `password`/`sslpassword` query parameter, and the
+/// `password=` of a `key=value` PostgreSQL string are replaced by `***`.
 pub fn redact_url(url: &str) -> String {
+    const SECRET_KEYS: [&str; 2] = ["password", "sslpassword"];
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        // `host=... user=... password=...`: a value may be quoted.
+        return redact_key_values(url, &SECRET_KEYS);
     };
-    let Some((credentials, host)) = rest.rsplit_once('@') else {
-        return url.to_string();
+    let (authority_and_path, query) = match rest.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (rest, None),
     };
-    match credentials.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_string(),
+    let (authority, path) = match authority_and_path.find('/') {
+        Some(slash) => authority_and_path.split_at(slash),
+        None => (authority_and_path, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((credentials, host)) => match credentials.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let mut redacted = format!("{scheme}://{authority}{path}");
+    if let Some(query) = query {
+        let parameters: Vec<String> = query
+            .split('&')
+            .map(|parameter| match parameter.split_once('=') {
+                Some((key, _)) if SECRET_KEYS.contains(&key.to_ascii_lowercase().as_str()) => {
+                    format!("{key}=***")
+                }
+                _ => parameter.to_string(),
+            })
+            .collect();
+        redacted.push('?');
+        redacted.push_str(&parameters.join("&"));
     }
+    redacted
+}
+
+/// `key=value key='quoted value'` with the values of `secret_keys` replaced.
+fn redact_key_values(text: &str, secret_keys: &[&str]) -> String {
+    let mut redacted = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(equals) = rest.find('=') {
+        let key_start = rest[..equals]
+            .rfind(char::is_whitespace)
+            .map_or(0, |space| space + 1);
+        let key = rest[key_start..equals].trim();
+        redacted.push_str(&rest[..=equals]);
+        let value = &rest[equals + 1..];
+        let value_len = if let Some(quoted) = value.strip_prefix('\'') {
+            // Up to the closing quote that is not escaped.
+            let mut escaped = false;
+            let mut end = quoted.len();
+            for (index, character) in quoted.char_indices() {
+                match character {
+                    '\\' if !escaped => escaped = true,
+                    '\'' if !escaped => {
+                        end = index + 1;
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            (end + 1).min(value.len())
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        if secret_keys.contains(&key.to_ascii_lowercase().as_str()) {
+            redacted.push_str("***");
+        } else {
+            redacted.push_str(&value[..value_len]);
+        }
+        rest = &value[value_len..];
+    }
+    redacted.push_str(rest);
+    redacted
 }
 
 /// The PostgreSQL half of the sink: the `events` table.
@@ -275,7 +342,8 @@ impl ClickHouseEvents {
             .execute();
         let what = format!(
             "create table {}.events at {}",
-            config.clickhouse_database, config.clickhouse_url
+            config.clickhouse_database,
+            redact_url(&config.clickhouse_url)
         );
         within(timeout, "clickhouse", &what, async {
             create
@@ -795,5 +863,23 @@ mod tests {
             "postgres://postgres:***@127.0.0.1:5432/pipeline"
         );
         assert_eq!(redact_url("http://127.0.0.1:8123"), "http://127.0.0.1:8123");
+        assert_eq!(
+            redact_url("https://user:p@ss:word@ch.example:8443/?database=x"),
+            "https://user:***@ch.example:8443/?database=x"
+        );
+        assert_eq!(
+            redact_url(
+                "postgres://db.example/pipeline?user=app&password=s3cret&sslmode=verify-full"
+            ),
+            "postgres://db.example/pipeline?user=app&password=***&sslmode=verify-full"
+        );
+        assert_eq!(
+            redact_url("host=db user=app password=s3cret dbname=pipeline"),
+            "host=db user=app password=*** dbname=pipeline"
+        );
+        assert_eq!(
+            redact_url("host=db password='it s \\' secret' sslpassword=k dbname=p"),
+            "host=db password=*** sslpassword=*** dbname=p"
+        );
     }
 }

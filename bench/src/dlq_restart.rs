@@ -103,11 +103,11 @@ fn lookups(admin: &str) -> Option<f64> {
 
 /// Kills the DLQ writer; seconds from the kill to the new generation's DLQ
 /// writer having looked up the index.
-async fn kill_once(admin: &str) -> anyhow::Result<f64> {
+async fn kill_once(access: &scratch::AdminAccess) -> anyhow::Result<f64> {
+    let admin = access.address.as_str();
     let before_generation = generation(admin).context("no generation in /status")?;
     let before = lookups(admin).context("no stream_dlq_index_lookups_total")?;
-    let (code, answer) =
-        stream_bins::prometheus::http_request(admin, "POST", "/actors/dlq_writer/kill")?;
+    let (code, answer) = access.post("/actors/dlq_writer/kill")?;
     anyhow::ensure!(code == 200, "kill dlq_writer answered {code}: {answer}");
     let killed = Instant::now();
     poll(
@@ -133,8 +133,9 @@ async fn series(
     env: &TestEnv,
     log: &Path,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
-    let admin = format!("127.0.0.1:{}", scratch::free_port());
-    let mut child = start(processor, env, &admin, log)?;
+    let access = scratch::AdminAccess::new();
+    let admin = access.address.clone();
+    let mut child = start(processor, env, &access, log)?;
     let outcome = async {
         poll("caught up", Duration::from_secs(300), || async {
             lag(env).await == 0 && ready(&admin)
@@ -143,7 +144,7 @@ async fn series(
         let mut restarts = Vec::new();
         let mut lookups = Vec::new();
         for _ in 0..ROUNDS {
-            restarts.push(kill_once(&admin).await?);
+            restarts.push(kill_once(&access).await?);
             let (_, body) = scratch::http_get(&admin, "/metrics")?;
             lookups.push(scrape_max(&body, "stream_dlq_index_lookup_seconds").unwrap_or(0.0));
         }

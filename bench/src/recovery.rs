@@ -43,7 +43,7 @@ fn now_seconds() -> f64 {
 pub(crate) fn start(
     processor: &Path,
     env: &TestEnv,
-    admin: &str,
+    admin: &scratch::AdminAccess,
     log: &Path,
 ) -> anyhow::Result<Child> {
     let log_file = std::fs::OpenOptions::new()
@@ -53,7 +53,7 @@ pub(crate) fn start(
         .with_context(|| format!("cannot open {}", log.display()))?;
     Command::new(processor)
         .args(env.processor_flags())
-        .args(["--metrics-addr", admin])
+        .args(admin.flags())
         .args(["--group-instance-id", "bench-recovery-0"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -142,8 +142,9 @@ struct Round {
 async fn round(processor: &Path, index: usize, log: &Path) -> anyhow::Result<Round> {
     let env = TestEnv::new(&format!("benchrecovery{index}"), 6).await;
     env.produce(EVENTS, 0.005, 700 + index as u64).await;
-    let admin = format!("127.0.0.1:{}", scratch::free_port());
-    let mut child = start(processor, &env, &admin, log)?;
+    let access = scratch::AdminAccess::new();
+    let admin = access.address.clone();
+    let mut child = start(processor, &env, &access, log)?;
     let total: i64 = EVENTS as i64;
     poll(
         "a third of the backlog",
@@ -157,7 +158,7 @@ async fn round(processor: &Path, index: usize, log: &Path) -> anyhow::Result<Rou
     child.wait()?;
     let killed_at = now_seconds();
     let killed = Instant::now();
-    let mut child = start(processor, &env, &admin, log)?;
+    let mut child = start(processor, &env, &access, log)?;
     poll(
         "the first commit after the SIGKILL",
         Duration::from_secs(120),
@@ -207,8 +208,7 @@ async fn round(processor: &Path, index: usize, log: &Path) -> anyhow::Result<Rou
         || async { committed(&env).await > moving_from + 2_000 },
     )
     .await?;
-    let (code, answer) =
-        stream_bins::prometheus::http_request(&admin, "POST", "/actors/sink/kill")?;
+    let (code, answer) = access.post("/actors/sink/kill")?;
     anyhow::ensure!(code == 200, "kill sink answered {code}: {answer}");
     let killed_at = now_seconds();
     poll("the next generation ready", Duration::from_secs(60), || {

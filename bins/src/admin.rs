@@ -11,18 +11,48 @@
 //! | `POST /actors/<name>/panic` | makes the actor panic at its next message |
 //! | `POST /actors/<name>/hang` | makes the actor hold its next message forever (the watchdog's case) |
 //!
-//! A deliberately small HTTP/1.0 server: one request per connection, no body.
+//! The read-only routes are open. The mutating ones (`POST /actors/...`)
+//! need `Authorization: Bearer <token>`, the token read from
+//! `--admin-token-file` and compared in constant time; without it they
+//! answer 401. With no token configured they are disabled (403), never open.
+//!
+//! axum on hyper's HTTP/1 server: the request head must arrive within
+//! [`HEADER_READ_TIMEOUT`], a whole request is answered within
+//! [`REQUEST_TIMEOUT`] (408 after that), at most [`MAX_CONCURRENT_REQUESTS`]
+//! are served at once, and request bodies are not read.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use stream_supervisor::{KillMode, PipelineExit, PipelineMsg, PipelineStatus};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::warn;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tracing::{debug, warn};
+
+/// How long a client may take to send the request head.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request may take, the answer included (a kill waits up to
+/// 10 s for the supervisor).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Requests served at once; more wait for a slot.
+pub const MAX_CONCURRENT_REQUESTS: usize = 32;
+/// The shortest admin token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
 
 /// What the endpoint reaches.
 #[derive(Clone)]
@@ -33,6 +63,61 @@ pub struct AdminTarget {
     pub supervisor: ractor::ActorRef<PipelineMsg>,
     /// Whether the pipeline still runs.
     pub exit: watch::Receiver<PipelineExit>,
+    /// The bearer token the mutating routes need; `None` disables them.
+    pub token: Option<AdminToken>,
+}
+
+/// The admin token, kept only as its SHA-256 digest: a presented token is
+/// hashed and the digests compared in constant time, so neither the
+/// token's bytes nor its length show in the answer's timing.
+#[derive(Clone)]
+pub struct AdminToken {
+    digest: [u8; 32],
+}
+
+impl AdminToken {
+    /// A token from its text (see [`read_token_file`] for the checks).
+    pub fn new(secret: &str) -> AdminToken {
+        AdminToken {
+            digest: Sha256::digest(secret.as_bytes()).into(),
+        }
+    }
+
+    /// Whether `presented` is the token.
+    pub fn accepts(&self, presented: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        digest.ct_eq(&self.digest).into()
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("AdminToken(***)")
+    }
+}
+
+/// Reads an admin token file (a mounted Kubernetes Secret, or a file the
+/// operator wrote): one line of at least [`MIN_TOKEN_LEN`] visible ASCII
+/// characters; surrounding whitespace (a trailing newline) is ignored.
+/// The error never contains the token.
+pub fn read_token_file(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let token = text.trim();
+    if !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return Err(format!(
+            "{} must hold one token of visible ASCII characters, without spaces",
+            path.display()
+        ));
+    }
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "{} holds a token of {} characters; use at least {MIN_TOKEN_LEN} (e.g. `openssl rand -hex 32`)",
+            path.display(),
+            token.len()
+        ));
+    }
+    Ok(token.to_string())
 }
 
 /// The status as JSON (also what `streamctl status` prints).
@@ -75,23 +160,56 @@ pub fn health(status: &PipelineStatus) -> (u16, &'static str, String) {
     }
 }
 
-/// Serves the endpoint on an already bound listener until the process ends.
+/// The endpoint's routes (also what the tests drive without a socket).
+pub fn router(target: AdminTarget) -> Router {
+    let actions = Router::new()
+        .route("/actors/{actor}/{action}", post(act))
+        .route_layer(middleware::from_fn_with_state(
+            target.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .merge(actions)
+        .fallback(not_found)
+        .layer(GlobalConcurrencyLimitLayer::new(MAX_CONCURRENT_REQUESTS))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(target)
+}
+
+/// Serves the endpoint on an already bound listener until the process ends:
+/// one request per connection, each connection closed after at most
+/// [`HEADER_READ_TIMEOUT`] + [`REQUEST_TIMEOUT`].
 pub async fn serve(listener: TcpListener, target: AdminTarget) {
+    let app = router(target);
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let target = target.clone();
-                tokio::spawn(async move {
-                    if let Err(error) = answer(stream, &target).await {
-                        warn!(%error, "admin request failed");
-                    }
-                });
-            }
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
             Err(error) => {
                 warn!(%error, "admin accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        }
+        };
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(false);
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(HEADER_READ_TIMEOUT + REQUEST_TIMEOUT, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => debug!(%error, "admin connection failed"),
+                Err(_) => debug!("admin connection closed: too slow"),
+            }
+        });
     }
 }
 
@@ -102,107 +220,124 @@ pub async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
-async fn answer(mut stream: TcpStream, target: &AdminTarget) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buffer = [0u8; 512];
-    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
-        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head"))??;
-        if read == 0 {
-            break;
-        }
-        head.extend_from_slice(&buffer[..read]);
-        if head.len() > 16 * 1024 {
-            break;
-        }
-    }
-    let head = String::from_utf8_lossy(&head);
-    let mut words = head.split_whitespace();
-    let method = words.next().unwrap_or("");
-    let path = words.next().unwrap_or("");
-    let (code, content_type, body) = route(method, path, target).await;
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        _ => "Service Unavailable",
-    };
-    let response = format!(
-        "HTTP/1.0 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
-}
-
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
 
-async fn route(method: &str, path: &str, target: &AdminTarget) -> (u16, &'static str, String) {
-    let running = *target.exit.borrow() == PipelineExit::Running;
-    let status = || async { ractor::call_t!(target.supervisor, PipelineMsg::Status, 5_000).ok() };
-    match (method, path) {
-        ("GET", "/metrics") => (200, "text/plain; version=0.0.4", target.metrics.render()),
-        ("GET", "/healthz") if !running => (503, TEXT, "pipeline stopped\n".to_string()),
-        ("GET", "/healthz") => {
-            match ractor::call_t!(target.supervisor, PipelineMsg::Status, 3_000) {
-                Ok(status) => health(&status),
-                Err(_) => (503, TEXT, "supervisor not answering\n".to_string()),
-            }
-        }
-        ("GET", "/readyz") => match status().await {
-            Some(status) if status.ready => (200, TEXT, "ready\n".to_string()),
-            Some(_) => (503, TEXT, "restarting\n".to_string()),
-            None => (503, TEXT, "supervisor not answering\n".to_string()),
-        },
-        ("GET", "/status") => match status().await {
-            Some(status) => (200, JSON, format!("{}\n", status_json(&status))),
-            None => (503, TEXT, "supervisor not answering\n".to_string()),
-        },
-        (method, path) if path.starts_with("/actors/") => {
-            let mut parts = path.trim_start_matches("/actors/").split('/');
-            let actor = parts.next().unwrap_or("");
-            let mode = match parts.next() {
-                Some("kill") => KillMode::Kill,
-                Some("panic") => KillMode::Panic,
-                Some("hang") => KillMode::Hang,
-                _ => {
-                    return (
-                        404,
-                        TEXT,
-                        "use POST /actors/<name>/kill, /actors/<name>/panic or /actors/<name>/hang\n"
-                            .to_string(),
-                    )
-                }
-            };
-            if method != "POST" {
-                return (405, TEXT, "use POST\n".to_string());
-            }
-            let answer = ractor::call_t!(
-                target.supervisor,
-                PipelineMsg::Kill,
-                10_000,
-                actor.to_string(),
-                mode
-            );
-            match answer {
-                Ok(Ok(done)) => (200, TEXT, format!("{done}\n")),
-                Ok(Err(refused)) if refused.starts_with("no actor") => {
-                    (404, TEXT, format!("{refused}\n"))
-                }
-                Ok(Err(refused)) => (409, TEXT, format!("{refused}\n")),
-                Err(_) => (503, TEXT, "supervisor not answering\n".to_string()),
-            }
-        }
-        _ => (
-            404,
-            TEXT,
-            "endpoints: GET /metrics /healthz /readyz /status, POST /actors/<name>/kill|panic|hang\n"
-                .to_string(),
-        ),
+fn answer(code: u16, content_type: &'static str, body: String) -> Response {
+    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (code, [(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+fn text(code: u16, body: impl Into<String>) -> Response {
+    answer(code, TEXT, body.into())
+}
+
+async fn current_status(target: &AdminTarget, limit_ms: u64) -> Option<PipelineStatus> {
+    ractor::call_t!(target.supervisor, PipelineMsg::Status, limit_ms).ok()
+}
+
+async fn metrics(State(target): State<AdminTarget>) -> Response {
+    answer(200, "text/plain; version=0.0.4", target.metrics.render())
+}
+
+async fn healthz(State(target): State<AdminTarget>) -> Response {
+    if *target.exit.borrow() != PipelineExit::Running {
+        return text(503, "pipeline stopped\n");
     }
+    match current_status(&target, 3_000).await {
+        Some(status) => {
+            let (code, content_type, body) = health(&status);
+            answer(code, content_type, body)
+        }
+        None => text(503, "supervisor not answering\n"),
+    }
+}
+
+async fn readyz(State(target): State<AdminTarget>) -> Response {
+    match current_status(&target, 5_000).await {
+        Some(status) if status.ready => text(200, "ready\n"),
+        Some(_) => text(503, "restarting\n"),
+        None => text(503, "supervisor not answering\n"),
+    }
+}
+
+async fn status(State(target): State<AdminTarget>) -> Response {
+    match current_status(&target, 5_000).await {
+        Some(status) => answer(200, JSON, format!("{}\n", status_json(&status))),
+        None => text(503, "supervisor not answering\n"),
+    }
+}
+
+/// The gate of the mutating routes: disabled without a configured token,
+/// 401 without the right bearer token.
+async fn require_token(
+    State(target): State<AdminTarget>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(token) = &target.token else {
+        return text(
+            403,
+            "admin actions are disabled: start the processor with --admin-token-file (ADMIN_TOKEN_FILE)\n",
+        );
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, credentials)| credentials.trim());
+    match presented {
+        Some(presented) if token.accepts(presented) => next.run(request).await,
+        _ => {
+            warn!(
+                path = request.uri().path(),
+                presented = presented.is_some(),
+                "admin request refused: missing or wrong bearer token"
+            );
+            let mut refused = text(
+                401,
+                "this action needs Authorization: Bearer <the token in the processor's --admin-token-file>\n",
+            );
+            refused.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            refused
+        }
+    }
+}
+
+async fn act(
+    State(target): State<AdminTarget>,
+    UrlPath((actor, action)): UrlPath<(String, String)>,
+) -> Response {
+    let mode = match action.as_str() {
+        "kill" => KillMode::Kill,
+        "panic" => KillMode::Panic,
+        "hang" => KillMode::Hang,
+        _ => {
+            return text(
+                404,
+                "use POST /actors/<name>/kill, /actors/<name>/panic or /actors/<name>/hang\n",
+            )
+        }
+    };
+    let answer = ractor::call_t!(target.supervisor, PipelineMsg::Kill, 10_000, actor, mode);
+    match answer {
+        Ok(Ok(done)) => text(200, format!("{done}\n")),
+        Ok(Err(refused)) if refused.starts_with("no actor") => text(404, format!("{refused}\n")),
+        Ok(Err(refused)) => text(409, format!("{refused}\n")),
+        Err(_) => text(503, "supervisor not answering\n"),
+    }
+}
+
+async fn not_found() -> Response {
+    text(
+        404,
+        "endpoints: GET /metrics /healthz /readyz /status, POST /actors/<name>/kill|panic|hang (with the admin token)\n",
+    )
 }
 
 #[cfg(test)]

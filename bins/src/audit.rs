@@ -136,7 +136,12 @@ async fn clickhouse_positions(connections: &ConnectionArgs) -> anyhow::Result<Po
         .query("SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = 'events'")
         .fetch_all()
         .await
-        .with_context(|| format!("cannot query ClickHouse at {}", connections.clickhouse_url))?;
+        .with_context(|| {
+            format!(
+                "cannot query ClickHouse at {}",
+                stream_actors::storage::redact_url(&connections.clickhouse_url)
+            )
+        })?;
     let Some(engine) = engines.first() else {
         return Ok(Positions::new());
     };

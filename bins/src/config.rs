@@ -20,6 +20,9 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// The local PostgreSQL of `scripts/services.sh` (its demo password).
+const LOCAL_POSTGRES_URL: &str = "postgres://postgres:postgres@127.0.0.1:5432/pipeline";
+
 /// Where the pipeline's services are: shared by `processor` and `streamctl`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectionArgs {
@@ -36,10 +39,15 @@ pub struct ConnectionArgs {
     #[arg(long, env = "KAFKA_DLQ_TOPIC", default_value = "events.dlq")]
     pub dlq_topic: String,
     /// PostgreSQL URL: the `events` table and the checkpoints live there.
+    /// It carries the password, so its value is never printed (default: the
+    /// local cluster of scripts/services.sh,
+    /// postgres://postgres:***@127.0.0.1:5432/pipeline).
     #[arg(
         long,
         env = "POSTGRES_URL",
-        default_value = "postgres://postgres:postgres@127.0.0.1:5432/pipeline"
+        default_value = LOCAL_POSTGRES_URL,
+        hide_default_value = true,
+        hide_env_values = true
     )]
     pub postgres_url: String,
     /// ClickHouse HTTP URL.
@@ -97,7 +105,7 @@ impl ConnectionArgs {
                 "CLICKHOUSE_URL",
                 format!(
                     "must start with http:// or https://, got {:?}",
-                    self.clickhouse_url
+                    stream_actors::storage::redact_url(&self.clickhouse_url)
                 ),
             ));
         }
@@ -195,11 +203,15 @@ pub struct SqsConsumerConfig {
     /// Endpoint, credentials, queues.
     #[command(flatten)]
     pub sqs: SqsArgs,
-    /// PostgreSQL URL: the `orders` table lives there.
+    /// PostgreSQL URL: the `orders` table lives there. It carries the
+    /// password, so its value is never printed (default: the local cluster
+    /// of scripts/services.sh, postgres://postgres:***@127.0.0.1:5432/pipeline).
     #[arg(
         long,
         env = "POSTGRES_URL",
-        default_value = "postgres://postgres:postgres@127.0.0.1:5432/pipeline"
+        default_value = LOCAL_POSTGRES_URL,
+        hide_default_value = true,
+        hide_env_values = true
     )]
     pub postgres_url: String,
     /// Messages processed at once (1..=100).
@@ -363,9 +375,16 @@ pub struct ProcessorConfig {
     #[arg(long, env = "KAFKA_GROUP_INSTANCE_ID")]
     pub group_instance_id: Option<String>,
     /// Address of the admin endpoint: `/metrics`, `/healthz`, `/readyz`,
-    /// `/status`, `POST /actors/<name>/kill|panic`; empty to disable.
+    /// `/status` (open, read-only) and `POST /actors/<name>/kill|panic|hang`
+    /// (needs the admin token); empty to disable.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: String,
+    /// A file holding the admin token (one line, at least 16 visible ASCII
+    /// characters; in Kubernetes a mounted Secret): `POST /actors/...`
+    /// needs `Authorization: Bearer <token>`. Unset: those routes are
+    /// disabled.
+    #[arg(long, env = "ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
     /// Restart intensity: at most this many pipeline restarts within
     /// --restart-window-secs; one more and the process exits 1 (0..=1000).
     #[arg(long, env = "MAX_RESTARTS", default_value_t = 10)]
@@ -409,6 +428,17 @@ pub(crate) fn invalid(
 }
 
 impl ProcessorConfig {
+    /// Reads the admin token, if one is configured; the error names the
+    /// setting and never contains the token.
+    pub fn admin_token(&self) -> Result<Option<crate::admin::AdminToken>, ConfigError> {
+        let Some(path) = &self.admin_token_file else {
+            return Ok(None);
+        };
+        crate::admin::read_token_file(path)
+            .map(|token| Some(crate::admin::AdminToken::new(&token)))
+            .map_err(|reason| invalid("--admin-token-file", "ADMIN_TOKEN_FILE", reason))
+    }
+
     /// The supervisor's restart policy (call after [`ProcessorConfig::validate`]).
     pub fn restart_policy(&self) -> stream_supervisor::RestartPolicy {
         stream_supervisor::RestartPolicy {

@@ -152,7 +152,12 @@ pub async fn clickhouse_counts(config: &PipelineConfig) -> anyhow::Result<ClickH
         .query("EXISTS TABLE events")
         .fetch_one()
         .await
-        .with_context(|| format!("cannot query clickhouse at {}", config.clickhouse_url))?;
+        .with_context(|| {
+            format!(
+                "cannot query clickhouse at {}",
+                stream_actors::storage::redact_url(&config.clickhouse_url)
+            )
+        })?;
     if exists == 0 {
         return Ok(ClickHouseCounts {
             raw_rows: 0,

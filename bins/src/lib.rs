@@ -19,6 +19,7 @@ pub mod audit;
 pub mod chart;
 pub mod config;
 pub mod dlq;
+pub mod http;
 pub mod inspect;
 pub mod processor;
 pub mod prometheus;

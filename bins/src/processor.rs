@@ -48,13 +48,14 @@ fn install_recorder() -> anyhow::Result<PrometheusHandle> {
 }
 
 /// Runs the pipeline under its supervisor, with the admin endpoint (metrics,
-/// probes, kill) on `admin_addr`; returns the process exit code: 0 after a
+/// probes, and kill behind `admin_token`) on `admin_addr`; returns the process exit code: 0 after a
 /// signal and a drain, 1 when the supervisor escalated, 2 when the admin
 /// address cannot be served or `STREAM_CRASH_AT` is malformed.
 pub async fn run(
     config: PipelineConfig,
     policy: RestartPolicy,
     admin_addr: Option<SocketAddr>,
+    admin_token: Option<crate::admin::AdminToken>,
 ) -> anyhow::Result<i32> {
     let faults = match Faults::from_env() {
         Ok(faults) => Arc::new(faults),
@@ -78,10 +79,14 @@ pub async fn run(
     };
     let pipeline = start_pipeline_with(config, policy, faults).await?;
     if let Some((listener, metrics)) = admin {
+        if admin_token.is_none() {
+            info!("admin actions (POST /actors/...) disabled: no --admin-token-file");
+        }
         let target = crate::admin::AdminTarget {
             metrics,
             supervisor: pipeline.supervisor.clone(),
             exit: pipeline.exit.clone(),
+            token: admin_token,
         };
         tokio::spawn(crate::admin::serve(listener, target));
     }

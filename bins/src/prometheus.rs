@@ -1,41 +1,9 @@
 //! A small Prometheus HTTP API client (instant queries), for `streamctl
-//! watch`, the demo's checks and the tests. Plain HTTP/1.0 on a socket: the
-//! API is simple and this keeps an HTTP client crate out of the binaries.
+//! watch`, the demo's checks and the tests, on [`crate::http`].
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-/// A plain HTTP/1.0 GET on loopback; returns the status code and the body.
-/// Enough for `/metrics` and the Prometheus API without an HTTP client crate.
-pub fn http_get(address: &str, path_and_query: &str) -> std::io::Result<(u16, String)> {
-    http_request(address, "GET", path_and_query)
-}
-
-/// An HTTP/1.0 request without a body; returns the status code and the body.
-pub fn http_request(
-    address: &str,
-    method: &str,
-    path_and_query: &str,
-) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "{method} {path_and_query} HTTP/1.0\r\nHost: {address}\r\nContent-Length: 0\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or((response.as_str(), ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_string()))
-}
+pub use crate::http::http_get;
 
 /// Percent-encodes a query parameter value.
 pub fn url_encode(text: &str) -> String {

@@ -263,7 +263,72 @@ impl TestEnv {
     }
 }
 
-pub use crate::prometheus::{http_get, url_encode};
+pub use crate::http::{http_get, http_request};
+pub use crate::prometheus::url_encode;
+
+/// A processor's admin endpoint for a test or a measurement: a free
+/// loopback address and a fresh admin token in a file of its own (mode
+/// 0600, removed on drop).
+pub struct AdminAccess {
+    /// `host:port` for `--metrics-addr`.
+    pub address: String,
+    /// The file for `--admin-token-file`.
+    pub token_file: std::path::PathBuf,
+    token: String,
+}
+
+impl AdminAccess {
+    /// A free port and a new random token.
+    pub fn new() -> AdminAccess {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let token = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let token_file = std::env::temp_dir().join(format!("{}.token", unique_name("admin")));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&token_file)
+            .expect("admin token file");
+        writeln!(file, "{token}").expect("admin token written");
+        AdminAccess {
+            address: format!("127.0.0.1:{}", free_port()),
+            token_file,
+            token,
+        }
+    }
+
+    /// The processor's flags for this endpoint.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--metrics-addr".to_string(),
+            self.address.clone(),
+            "--admin-token-file".to_string(),
+            self.token_file.display().to_string(),
+        ]
+    }
+
+    /// `POST path` with the token (a kill, a panic, a hang).
+    pub fn post(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_request(&self.address, "POST", path, Some(&self.token))
+    }
+}
+
+impl Default for AdminAccess {
+    fn default() -> Self {
+        AdminAccess::new()
+    }
+}
+
+impl Drop for AdminAccess {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.token_file);
+    }
+}
 
 /// A free loopback port (bound and released; good enough for tests).
 pub fn free_port() -> u16 {

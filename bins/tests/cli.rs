@@ -6,10 +6,21 @@ use std::time::{Duration, Instant};
 
 /// Runs a binary with a deadline; kills it if it runs too long.
 fn run_with_deadline(binary: &str, arguments: &[&str], deadline: Duration) -> Output {
+    run_with_env(binary, arguments, &[], deadline)
+}
+
+/// [`run_with_deadline`] with extra environment variables.
+fn run_with_env(
+    binary: &str,
+    arguments: &[&str],
+    environment: &[(&str, &str)],
+    deadline: Duration,
+) -> Output {
     let mut child = Command::new(binary)
         .args(arguments)
         .env_remove("KAFKA_BROKERS")
         .env("RUST_LOG", "error")
+        .envs(environment.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -117,24 +128,99 @@ fn a_stall_limit_shorter_than_three_service_timeouts_is_refused() {
 }
 
 #[test]
-fn unreachable_postgres_is_a_clear_error() {
-    let output = run_with_deadline(
+fn unreachable_postgres_is_a_clear_error_without_the_password() {
+    let output = run_with_env(
         PROCESSOR,
         &[
             "--postgres-url",
-            "postgres://postgres:postgres@127.0.0.1:1/pipeline",
+            "postgres://app:hunter2-in-the-url@127.0.0.1:1/pipeline",
             "--metrics-addr",
             "",
         ],
+        &[("RUST_LOG", "debug")],
         Duration::from_secs(60),
     );
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("postgres") && stderr.contains("127.0.0.1:1"),
+        stderr.contains("postgres") && stderr.contains("app:***@127.0.0.1:1"),
         "{stderr}"
     );
+    assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn help_prints_no_secret_from_the_environment_or_the_defaults() {
+    let secrets = [
+        (
+            "POSTGRES_URL",
+            "postgres://app:pg-secret-1@db.example:5432/pipeline",
+        ),
+        ("CLICKHOUSE_PASSWORD", "ch-secret-2"),
+        ("AWS_SECRET_ACCESS_KEY", "aws-secret-3"),
+    ];
+    let sqs_consumer = env!("CARGO_BIN_EXE_sqs-consumer");
+    let commands: [(&str, &[&str]); 5] = [
+        (PROCESSOR, &["--help"]),
+        (STREAMCTL, &["report", "--help"]),
+        (STREAMCTL, &["audit", "--help"]),
+        (STREAMCTL, &["sqs", "setup", "--help"]),
+        (sqs_consumer, &["--help"]),
+    ];
+    for (binary, arguments) in commands {
+        let output = run_with_env(binary, arguments, &secrets, Duration::from_secs(20));
+        assert_eq!(output.status.code(), Some(0), "{arguments:?}");
+        let help = String::from_utf8_lossy(&output.stdout);
+        for secret in [
+            "pg-secret-1",
+            "ch-secret-2",
+            "aws-secret-3",
+            "postgres:postgres@",
+        ] {
+            assert!(
+                !help.contains(secret),
+                "{binary} {arguments:?} prints {secret}:\n{help}"
+            );
+        }
+    }
+    let help = run_with_deadline(PROCESSOR, &["--help"], Duration::from_secs(20));
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--admin-token-file"), "{help}");
+    assert!(
+        help.contains("postgres://postgres:***@127.0.0.1:5432"),
+        "{help}"
+    );
+}
+
+#[test]
+fn a_bad_admin_token_file_is_refused_at_start_without_printing_the_token() {
+    let directory = std::env::temp_dir().join(format!("admin-token-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&directory).expect("temp dir");
+    let short = directory.join("short");
+    std::fs::write(&short, "tooshort-x1\n").expect("write");
+    let spaced = directory.join("spaced");
+    std::fs::write(&spaced, "a token with spaces in it, long enough\n").expect("write");
+    let missing = directory.join("missing");
+    for (file, reason) in [
+        (&short, "at least 16"),
+        (&spaced, "without spaces"),
+        (&missing, "cannot read"),
+    ] {
+        let path = file.display().to_string();
+        let output = run_with_deadline(
+            PROCESSOR,
+            &["--admin-token-file", &path],
+            Duration::from_secs(20),
+        );
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(2), "{path}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("--admin-token-file"), "{stderr}");
+        assert!(stderr.contains(reason), "{stderr}");
+        assert!(!stderr.contains("tooshort"), "the token leaked: {stderr}");
+    }
+    std::fs::remove_dir_all(&directory).ok();
 }
 
 #[test]

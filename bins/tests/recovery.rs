@@ -454,15 +454,17 @@ async fn streamctl_kill_restarts_from_the_checkpoint_and_past_the_intensity_the_
         stored(&env).await > 2_000
     })
     .await;
+    let admin_args = processor.admin_args();
     let streamctl = |arguments: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_streamctl"))
             .args(arguments)
+            .args(&admin_args)
             .output()
             .expect("streamctl runs")
     };
     // An actor kill: the supervisor restarts the pipeline from the checkpoint.
     let killed_at = now_seconds();
-    let kill = streamctl(&["kill", "sink", "--admin", &processor.admin]);
+    let kill = streamctl(&["kill", "sink"]);
     assert!(kill.status.success(), "{kill:?}");
     assert_eq!(String::from_utf8_lossy(&kill.stdout).trim(), "killed sink");
     wait_until("generation 2 ready", Duration::from_secs(60), || {
@@ -489,10 +491,10 @@ async fn streamctl_kill_restarts_from_the_checkpoint_and_past_the_intensity_the_
         restarted_at - killed_at,
         now_seconds() - killed_at
     );
-    let status = streamctl(&["status", "--admin", &processor.admin]);
+    let status = streamctl(&["status"]);
     assert!(status.status.success());
     assert!(String::from_utf8_lossy(&status.stdout).contains("\"ready\":true"));
-    let unknown = streamctl(&["kill", "nobody", "--admin", &processor.admin]);
+    let unknown = streamctl(&["kill", "nobody"]);
     assert_eq!(unknown.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&unknown.stdout).contains("no actor named"));
 
@@ -511,9 +513,7 @@ async fn streamctl_kill_restarts_from_the_checkpoint_and_past_the_intensity_the_
             },
         )
         .await;
-        assert!(streamctl(&["kill", actor, "--admin", &processor.admin])
-            .status
-            .success());
+        assert!(streamctl(&["kill", actor]).status.success());
     }
     assert_eq!(
         processor.wait_exit(Duration::from_secs(60)),

@@ -5,14 +5,17 @@ use stream_bins::config::{parse_or_exit, ProcessorConfig};
 #[tokio::main]
 async fn main() {
     let flags: ProcessorConfig = parse_or_exit();
-    let (config, metrics_addr) = flags.validate().unwrap_or_else(|config_error| {
+    let validated = flags
+        .validate()
+        .and_then(|(config, metrics_addr)| Ok((config, metrics_addr, flags.admin_token()?)));
+    let (config, metrics_addr, admin_token) = validated.unwrap_or_else(|config_error| {
         eprintln!("error: {config_error}");
         std::process::exit(2);
     });
     let policy = flags.restart_policy();
     // The processor serves /metrics itself, on its admin endpoint.
     stream_bins::run_service(None, || {
-        stream_bins::processor::run(config, policy, metrics_addr)
+        stream_bins::processor::run(config, policy, metrics_addr, admin_token)
     })
     .await
 }

@@ -46,10 +46,15 @@ enum Command {
         /// The processor's admin address (its --metrics-addr).
         #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:9464")]
         admin: String,
+        /// A file holding the processor's admin token; `/status` is open,
+        /// so this is optional (accepted so that one set of flags serves
+        /// both commands).
+        #[arg(long, env = "ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<std::path::PathBuf>,
     },
     /// Kill one of the processor's actors (consumer, parser, sink,
     /// dlq_writer, committer) through its admin endpoint; the supervisor
-    /// restarts the pipeline from the checkpoint.
+    /// restarts the pipeline from the checkpoint. Sends the admin token.
     Kill {
         /// The actor to kill.
         actor: String,
@@ -63,6 +68,10 @@ enum Command {
         /// The processor's admin address (its --metrics-addr).
         #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:9464")]
         admin: String,
+        /// A file holding the processor's admin token (the same file as
+        /// its --admin-token-file), sent as `Authorization: Bearer`.
+        #[arg(long, env = "ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<std::path::PathBuf>,
     },
     /// The dead-letter topic: stats, show, replay.
     Dlq {
@@ -198,18 +207,34 @@ async fn audit(connections: &ConnectionArgs, json: bool) -> anyhow::Result<i32> 
 }
 
 /// One request to the processor's admin endpoint; prints the answer.
-fn admin_call(admin: &str, method: &str, path: &str) -> anyhow::Result<i32> {
-    let (code, body) =
-        stream_bins::prometheus::http_request(admin, method, path).map_err(|error| {
+fn admin_call(
+    admin: &str,
+    method: &str,
+    path: &str,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<i32> {
+    let token = token_file
+        .map(stream_bins::admin::read_token_file)
+        .transpose()
+        .map_err(|reason| {
+            anyhow::anyhow!("invalid setting --admin-token-file (ADMIN_TOKEN_FILE): {reason}")
+        })?;
+    let (code, body) = stream_bins::http::http_request(admin, method, path, token.as_deref())
+        .map_err(|error| {
             anyhow::anyhow!("cannot reach the processor's admin endpoint at {admin}: {error}")
         })?;
     print!("{body}");
-    if code == 200 {
-        Ok(0)
-    } else {
-        eprintln!("error: the processor answered {code}");
-        Ok(1)
+    match code {
+        200 => return Ok(0),
+        401 if token.is_none() => eprintln!(
+            "error: the processor answered 401: pass its admin token with --admin-token-file (ADMIN_TOKEN_FILE)"
+        ),
+        401 => eprintln!(
+            "error: the processor answered 401: it refused the token in --admin-token-file (ADMIN_TOKEN_FILE)"
+        ),
+        _ => eprintln!("error: the processor answered {code}"),
     }
+    Ok(1)
 }
 
 fn config_or_exit<T>(result: Result<T, stream_bins::config::ConfigError>) -> T {
@@ -236,19 +261,28 @@ async fn main() {
             config_or_exit(connections.validate());
             audit(&connections, json).await
         }
-        Command::Status { admin } => admin_call(&admin, "GET", "/status"),
+        Command::Status {
+            admin,
+            admin_token_file,
+        } => admin_call(&admin, "GET", "/status", admin_token_file.as_deref()),
         Command::Kill {
             actor,
             panic,
             hang,
             admin,
+            admin_token_file,
         } => {
             let action = match (panic, hang) {
                 (true, _) => "panic",
                 (_, true) => "hang",
                 _ => "kill",
             };
-            admin_call(&admin, "POST", &format!("/actors/{actor}/{action}"))
+            admin_call(
+                &admin,
+                "POST",
+                &format!("/actors/{actor}/{action}"),
+                admin_token_file.as_deref(),
+            )
         }
         Command::Chart {
             prometheus,

@@ -23,14 +23,28 @@ pub async fn within(deadline: Duration, mut condition: impl FnMut() -> bool) -> 
 /// on a free port and its log in a temporary file.
 pub struct ProcessorProcess {
     pub child: Child,
+    /// The admin endpoint's address.
     pub admin: String,
+    /// The admin endpoint with its token (`--admin-token-file`).
+    pub access: AdminAccess,
     pub log: std::path::PathBuf,
 }
 
 impl ProcessorProcess {
     /// Starts the processor binary on `env`, with extra environment variables.
     pub fn start(env: &TestEnv, extra: &[(&str, &str)]) -> ProcessorProcess {
-        let admin = format!("127.0.0.1:{}", free_port());
+        ProcessorProcess::spawn(env, extra, true)
+    }
+
+    /// [`ProcessorProcess::start`] with no admin token: its kill routes
+    /// are disabled.
+    pub fn start_without_admin_token(env: &TestEnv, extra: &[(&str, &str)]) -> ProcessorProcess {
+        ProcessorProcess::spawn(env, extra, false)
+    }
+
+    fn spawn(env: &TestEnv, extra: &[(&str, &str)], with_token: bool) -> ProcessorProcess {
+        let access = AdminAccess::new();
+        let admin = access.address.clone();
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("processor")));
         let log_file = std::fs::File::create(&log).expect("log file");
         let config = &env.config;
@@ -47,14 +61,34 @@ impl ProcessorProcess {
             .env("CLICKHOUSE_URL", &config.clickhouse_url)
             .env("CLICKHOUSE_DATABASE", &config.clickhouse_database)
             .env("METRICS_ADDR", &admin)
+            .env("ADMIN_TOKEN_FILE", &access.token_file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
+        if !with_token {
+            command.env_remove("ADMIN_TOKEN_FILE");
+        }
         for (name, value) in extra {
             command.env(name, value);
         }
         let child = command.spawn().expect("processor starts");
-        ProcessorProcess { child, admin, log }
+        ProcessorProcess {
+            child,
+            admin,
+            access,
+            log,
+        }
+    }
+
+    /// `streamctl` arguments that reach this processor's admin endpoint
+    /// with its token.
+    pub fn admin_args(&self) -> [String; 4] {
+        [
+            "--admin".to_string(),
+            self.admin.clone(),
+            "--admin-token-file".to_string(),
+            self.access.token_file.display().to_string(),
+        ]
     }
 
     /// Polls `/readyz` until it answers 200 (panics after `deadline`, or if
