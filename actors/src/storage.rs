@@ -67,15 +67,115 @@ pub async fn connect_postgres_within(url: &str, limit: Duration) -> Result<Clien
     .await
 }
 
-/// Runs `CREATE TABLE IF NOT EXISTS ...` under a transaction-scoped advisory
-/// lock: two processes creating the same table at once otherwise race inside
-/// PostgreSQL (a unique violation on `pg_type`).
-pub async fn create_table(client: &Client, ddl: &str) -> Result<(), tokio_postgres::Error> {
-    client
+/// `events` (PostgreSQL): unique `event_id` unless `dedup` is off (the
+/// recovery tests' negative control).
+pub fn events_ddl(dedup: bool) -> String {
+    let key = if dedup { "PRIMARY KEY" } else { "" };
+    format!(
+        "CREATE TABLE IF NOT EXISTS events (
+            event_id UUID {key},
+            event_type TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            amount DOUBLE PRECISION NOT NULL,
+            ts_ms BIGINT NOT NULL,
+            schema_version INTEGER NOT NULL,
+            source_partition INTEGER NOT NULL,
+            source_offset BIGINT NOT NULL,
+            stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        )"
+    )
+}
+
+/// `pipeline_checkpoints`: the next offset per group, topic and partition.
+pub const CHECKPOINTS_DDL: &str = "CREATE TABLE IF NOT EXISTS pipeline_checkpoints (
+        consumer_group TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        partition INTEGER NOT NULL,
+        next_offset BIGINT NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (consumer_group, topic, partition)
+    )";
+
+/// `dlq_positions`: the DLQ index.
+pub const DLQ_POSITIONS_DDL: &str = "CREATE TABLE IF NOT EXISTS dlq_positions (
+        consumer_group TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        partition INTEGER NOT NULL,
+        source_offset BIGINT NOT NULL,
+        confirmed BOOLEAN NOT NULL DEFAULT false,
+        scan_from BIGINT[] NOT NULL,
+        PRIMARY KEY (consumer_group, topic, partition, source_offset)
+    )";
+
+/// `dlq_replays`: dead letters `streamctl dlq replay` has published.
+pub const DLQ_REPLAYS_DDL: &str = "CREATE TABLE IF NOT EXISTS dlq_replays (
+        dlq_topic TEXT NOT NULL,
+        dlq_partition INTEGER NOT NULL,
+        dlq_offset BIGINT NOT NULL,
+        replayed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (dlq_topic, dlq_partition, dlq_offset)
+    )";
+
+/// `orders`: the SQS consumer's store.
+pub const ORDERS_DDL: &str = "CREATE TABLE IF NOT EXISTS orders (
+        order_id UUID PRIMARY KEY,
+        customer_id TEXT NOT NULL,
+        amount DOUBLE PRECISION NOT NULL,
+        currency TEXT NOT NULL,
+        sqs_message_id TEXT NOT NULL,
+        stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )";
+
+/// Every PostgreSQL table of the project, by name, as `streamctl db
+/// migrate` creates them.
+pub fn postgres_tables() -> Vec<(&'static str, String)> {
+    vec![
+        ("events", events_ddl(true)),
+        ("pipeline_checkpoints", CHECKPOINTS_DDL.to_string()),
+        ("dlq_positions", DLQ_POSITIONS_DDL.to_string()),
+        ("dlq_replays", DLQ_REPLAYS_DDL.to_string()),
+        ("orders", ORDERS_DDL.to_string()),
+    ]
+}
+
+/// Makes sure `table` exists. A table already there is left alone without
+/// any DDL, so a role limited to reading and writing the tables (the
+/// least-privilege set-up: `streamctl db migrate --grant-to`) works. A
+/// missing one is created under a transaction-scoped advisory lock (two
+/// processes creating the same table at once otherwise race inside
+/// PostgreSQL: a unique violation on `pg_type`); a role that may not
+/// create it gets an error that says to migrate first.
+pub async fn ensure_table(client: &Client, table: &str, ddl: &str) -> Result<(), PipelineError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map_err(PipelineError::postgres(format!("look up table {table}")))?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
+    let created = client
         .batch_execute(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock(7242026); {ddl}; COMMIT;"
         ))
-        .await
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(source) => {
+            // The failed transaction must not stay open on this connection.
+            let _ = client.batch_execute("ROLLBACK").await;
+            let refused =
+                source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE);
+            let context = if refused {
+                format!(
+                    "table {table} is missing and this role may not create it: run `streamctl db migrate` with the owner's --postgres-url first"
+                )
+            } else {
+                format!("create table {table}")
+            };
+            Err(PipelineError::Postgres { context, source })
+        }
+    }
 }
 
 /// A connection string fit for a log line or an error: the password of a
@@ -178,25 +278,7 @@ impl PostgresEvents {
         timeout: Duration,
     ) -> Result<PostgresEvents, PipelineError> {
         let client = connect_postgres_within(url, timeout).await?;
-        let key = if dedup { "PRIMARY KEY" } else { "" };
-        create_table(
-            &client,
-            &format!(
-                "CREATE TABLE IF NOT EXISTS events (
-                    event_id UUID {key},
-                    event_type TEXT NOT NULL,
-                    user_id TEXT NOT NULL,
-                    amount DOUBLE PRECISION NOT NULL,
-                    ts_ms BIGINT NOT NULL,
-                    schema_version INTEGER NOT NULL,
-                    source_partition INTEGER NOT NULL,
-                    source_offset BIGINT NOT NULL,
-                    stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
-                )"
-            ),
-        )
-        .await
-        .map_err(PipelineError::postgres("create table events"))?;
+        ensure_table(&client, "events", &events_ddl(dedup)).await?;
         Ok(PostgresEvents {
             client,
             dedup,
@@ -448,19 +530,7 @@ impl PostgresOrders {
     /// Connects and creates the table if it is missing.
     pub async fn connect(url: &str) -> Result<PostgresOrders, PipelineError> {
         let client = connect_postgres_within(url, DEFAULT_SERVICE_TIMEOUT).await?;
-        create_table(
-            &client,
-            "CREATE TABLE IF NOT EXISTS orders (
-                    order_id UUID PRIMARY KEY,
-                    customer_id TEXT NOT NULL,
-                    amount DOUBLE PRECISION NOT NULL,
-                    currency TEXT NOT NULL,
-                    sqs_message_id TEXT NOT NULL,
-                    stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
-                )",
-        )
-        .await
-        .map_err(PipelineError::postgres("create table orders"))?;
+        ensure_table(&client, "orders", ORDERS_DDL).await?;
         Ok(PostgresOrders { client })
     }
 
@@ -518,9 +588,7 @@ impl Session {
         ddl: &str,
     ) -> Result<Session, PipelineError> {
         let client = connect_postgres_within(url, timeout).await?;
-        create_table(&client, ddl)
-            .await
-            .map_err(PipelineError::postgres(format!("create table {table}")))?;
+        ensure_table(&client, table, ddl).await?;
         Ok(Session {
             url: url.to_string(),
             timeout,
@@ -565,20 +633,7 @@ impl CheckpointStore {
     /// Connects and creates the table if it is missing; every call is
     /// bounded by `timeout`.
     pub async fn connect(url: &str, timeout: Duration) -> Result<CheckpointStore, PipelineError> {
-        let session = Session::open(
-            url,
-            timeout,
-            "pipeline_checkpoints",
-            "CREATE TABLE IF NOT EXISTS pipeline_checkpoints (
-                    consumer_group TEXT NOT NULL,
-                    topic TEXT NOT NULL,
-                    partition INTEGER NOT NULL,
-                    next_offset BIGINT NOT NULL,
-                    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-                    PRIMARY KEY (consumer_group, topic, partition)
-                )",
-        )
-        .await?;
+        let session = Session::open(url, timeout, "pipeline_checkpoints", CHECKPOINTS_DDL).await?;
         Ok(CheckpointStore { session })
     }
 
@@ -675,21 +730,7 @@ impl DlqIndex {
         group: &str,
         topic: &str,
     ) -> Result<DlqIndex, PipelineError> {
-        let session = Session::open(
-            url,
-            timeout,
-            "dlq_positions",
-            "CREATE TABLE IF NOT EXISTS dlq_positions (
-                    consumer_group TEXT NOT NULL,
-                    topic TEXT NOT NULL,
-                    partition INTEGER NOT NULL,
-                    source_offset BIGINT NOT NULL,
-                    confirmed BOOLEAN NOT NULL DEFAULT false,
-                    scan_from BIGINT[] NOT NULL,
-                    PRIMARY KEY (consumer_group, topic, partition, source_offset)
-                )",
-        )
-        .await?;
+        let session = Session::open(url, timeout, "dlq_positions", DLQ_POSITIONS_DDL).await?;
         Ok(DlqIndex {
             session,
             group: group.to_string(),

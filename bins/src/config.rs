@@ -21,7 +21,7 @@ pub struct ConfigError {
 }
 
 /// The local PostgreSQL of `scripts/services.sh` (its demo password).
-const LOCAL_POSTGRES_URL: &str = "postgres://postgres:postgres@127.0.0.1:5432/pipeline";
+pub(crate) const LOCAL_POSTGRES_URL: &str = "postgres://postgres:postgres@127.0.0.1:5432/pipeline";
 
 /// Where the pipeline's services are: shared by `processor` and `streamctl`.
 #[derive(Debug, Clone, clap::Args)]

@@ -221,18 +221,12 @@ pub async fn replay(
 ) -> anyhow::Result<ReplayOutcome> {
     let records = read_dead_letters(connections)?;
     let postgres = connect_postgres(&connections.postgres_url).await?;
-    postgres
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS dlq_replays (
-                dlq_topic TEXT NOT NULL,
-                dlq_partition INTEGER NOT NULL,
-                dlq_offset BIGINT NOT NULL,
-                replayed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-                PRIMARY KEY (dlq_topic, dlq_partition, dlq_offset)
-            )",
-        )
-        .await
-        .context("cannot create table dlq_replays")?;
+    stream_actors::storage::ensure_table(
+        &postgres,
+        "dlq_replays",
+        stream_actors::storage::DLQ_REPLAYS_DDL,
+    )
+    .await?;
     let done: std::collections::HashSet<(i32, i64)> = postgres
         .query(
             "SELECT dlq_partition, dlq_offset FROM dlq_replays WHERE dlq_topic = $1",

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod audit;
 pub mod chart;
 pub mod config;
+pub mod db;
 pub mod dlq;
 pub mod http;
 pub mod inspect;

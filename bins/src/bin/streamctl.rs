@@ -118,6 +118,20 @@ enum Command {
         #[command(subcommand)]
         command: TopicsCommand,
     },
+    /// The PostgreSQL tables: migrate.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DbCommand {
+    /// Create every PostgreSQL table of the pipeline and the sqs-consumer
+    /// that is missing (run it as the tables' owner), and grant a role read
+    /// and write on them: with it, the processor and the sqs-consumer can
+    /// connect as a role that may not create, alter or drop anything.
+    Migrate(stream_bins::db::MigrateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -314,6 +328,12 @@ async fn main() {
         .unwrap_or_else(|join_error| Err(anyhow::anyhow!("watch panicked: {join_error}"))),
         Command::Sqs { command } => sqs(command).await,
         Command::Topics { command } => topics(command).await,
+        Command::Db {
+            command: DbCommand::Migrate(arguments),
+        } => {
+            config_or_exit(arguments.validate());
+            stream_bins::db::migrate(&arguments).await.map(|()| 0)
+        }
     };
     match result {
         Ok(code) => std::process::exit(code),
