@@ -58,14 +58,17 @@ async fn the_processor_runs_as_a_role_that_may_only_read_and_write_its_tables() 
     assert!(!log.contains(&password), "the password leaked: {log}");
 
     // The migration, as the owner; a second run changes nothing.
-    let migrate = streamctl(&[
-        "db",
-        "migrate",
-        "--postgres-url",
-        &owner_url,
-        "--grant-to",
-        &role,
-    ]);
+    let migrate_to = |role: &str| {
+        streamctl(&[
+            "db",
+            "migrate",
+            "--postgres-url",
+            &owner_url,
+            "--grant-to",
+            role,
+        ])
+    };
+    let migrate = migrate_to(&role);
     let stdout = String::from_utf8_lossy(&migrate.stdout);
     assert!(migrate.status.success(), "{migrate:?}");
     assert!(stdout.contains("table events: created"), "{stdout}");
@@ -74,24 +77,10 @@ async fn the_processor_runs_as_a_role_that_may_only_read_and_write_its_tables() 
         "{stdout}"
     );
     assert!(stdout.contains(&format!("to {role}")), "{stdout}");
-    let again = streamctl(&[
-        "db",
-        "migrate",
-        "--postgres-url",
-        &owner_url,
-        "--grant-to",
-        &role,
-    ]);
+    let again = migrate_to(&role);
     assert!(again.status.success(), "{again:?}");
     assert!(String::from_utf8_lossy(&again.stdout).contains("table events: exists"));
-    let bad_role = streamctl(&[
-        "db",
-        "migrate",
-        "--postgres-url",
-        &owner_url,
-        "--grant-to",
-        "no such role",
-    ]);
+    let bad_role = migrate_to("no such role");
     assert_eq!(bad_role.status.code(), Some(2), "{bad_role:?}");
 
     // The pipeline end to end as the role.
