@@ -6,6 +6,9 @@
 #
 # `make render` prints the manifests; `make check` runs the offline checks
 # (scripts/check-k8s.sh: render, schema validation, policy tests, shellcheck).
+# The Secrets' values are generated on this machine, never committed:
+# `make secrets` (k8s/generate-secrets.sh; render, deploy and check run it)
+# writes them to k8s/overlays/local/secrets/ when they are not there yet.
 # k8s/README.md explains every step.
 
 # The project's one image. The manifests name it verbatim and
@@ -22,12 +25,13 @@ K := $(KUBECTL) --context $(KUBE_CONTEXT)
 KUSTOMIZE_FLAGS := --load-restrictor LoadRestrictionsNone
 TIMEOUT ?= 600s
 
-.PHONY: help print-image print-cluster k3d-up images deploy wait demo-k8s k3d-down render check bench
+.PHONY: help print-image print-cluster secrets k3d-up images deploy wait demo-k8s k3d-down render check bench
 
 help:
 	@echo "make k3d-up      create the k3d cluster $(CLUSTER) ($(K3D_CONFIG))"
 	@echo "make images      docker build -t $(IMAGE) . and import it into the cluster"
 	@echo "make deploy      render $(OVERLAY), apply it, wait for every rollout"
+	@echo "make secrets     generate the Secrets' values once (k8s/generate-secrets.sh, into $(OVERLAY)/secrets/)"
 	@echo "make demo-k8s    the resilience demo against the cluster (k8s/demo-k8s.sh)"
 	@echo "make k3d-down    delete the cluster"
 	@echo "make render      print the rendered manifests"
@@ -47,19 +51,30 @@ images:
 	docker build -t $(IMAGE) .
 	k3d image import $(IMAGE) --cluster $(CLUSTER)
 
-render:
+# Random values for every Secret, written only where none exist yet (so the
+# stores keep the passwords they were initialised with).
+secrets:
+	@bash k8s/generate-secrets.sh
+
+render: secrets
 	@$(KUBECTL) kustomize $(KUSTOMIZE_FLAGS) $(OVERLAY)
 
-deploy:
+# db-migrate is deleted first: its template names the generated Secrets, whose
+# names change with their values, and a Job's template cannot change. It is
+# idempotent, so every deploy runs it again (and re-applies the app role's
+# password).
+deploy: secrets
+	$(K) -n platform delete job db-migrate --ignore-not-found
 	$(KUBECTL) kustomize $(KUSTOMIZE_FLAGS) $(OVERLAY) | $(K) apply -f -
 	@$(MAKE) --no-print-directory wait
 
-# Stores first, then the topics, then everything else.
+# Stores first, then the topics and the tables, then everything else.
 wait:
 	$(K) -n platform rollout status statefulset/kafka --timeout=$(TIMEOUT)
 	$(K) -n platform rollout status statefulset/postgres --timeout=$(TIMEOUT)
 	$(K) -n platform rollout status statefulset/clickhouse --timeout=$(TIMEOUT)
 	$(K) -n platform wait --for=condition=complete job/topic-init --timeout=$(TIMEOUT)
+	$(K) -n platform wait --for=condition=complete job/db-migrate --timeout=$(TIMEOUT)
 	$(K) -n platform rollout status deployment/elasticmq --timeout=$(TIMEOUT)
 	$(K) -n platform rollout status deployment/processor --timeout=$(TIMEOUT)
 	$(K) -n platform rollout status deployment/sqs-consumer --timeout=$(TIMEOUT)
@@ -74,7 +89,7 @@ demo-k8s:
 k3d-down:
 	k3d cluster delete $(CLUSTER)
 
-check:
+check: secrets
 	bash scripts/check-k8s.sh
 
 # Issue 7's benchmarks, side by side on the local services (scripts/services.sh up):

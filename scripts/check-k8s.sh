@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Offline checks of the Kubernetes deployment (k8s/, Dockerfile, Makefile); no
 # cluster and no Docker engine needed:
+#   - k8s/generate-secrets.sh writes the Secrets' env files the overlay reads
+#     (random values, into the git-ignored k8s/overlays/local/secrets/, only
+#     where none exist: a fresh clone has none, and nothing is committed);
 #   - every kustomization under k8s/ renders with
 #     `kubectl kustomize --load-restrictor LoadRestrictionsNone`;
 #   - every rendered object validates against the Kubernetes $K8S_VERSION
@@ -12,7 +15,11 @@
 #     auto-created topics, replication factor 1 for the offsets and transaction
 #     topics; every KAFKA_BROKERS on the Service kafka; topic-init creating the
 #     processor's topics; the processor's static membership (pod name) and
-#     session timeout; ... and negative self-checks); the binaries come from
+#     session timeout; no committed secret literal, every referenced Secret key
+#     generated; the app role for PostgreSQL and the db-migrate Job; the
+#     processor's admin token from a Secret; a NetworkPolicy per component, a
+#     default deny per namespace, who reaches which port; ... and negative
+#     self-checks); the binaries come from
 #     target/debug (BIN_DIR), built with cargo only when missing;
 #   - the in-cluster Prometheus config passes promtool (when promtool is here);
 #   - the Makefile's targets parse (make -n);
@@ -187,6 +194,10 @@ if ! command -v shellcheck >/dev/null 2>&1; then
   apt_install shellcheck || true
 fi
 
+# --- the Secrets' values (the overlay's secretGenerator reads them)
+check "k8s/generate-secrets.sh: the Secrets' env files in $OVERLAY/secrets (generated where absent)" \
+  bash k8s/generate-secrets.sh
+
 # --- render and validate every kustomization
 kustomizations=()
 while IFS= read -r dir; do kustomizations+=("$dir"); done \
@@ -226,8 +237,8 @@ if command -v promtool >/dev/null 2>&1; then
 else
   echo "skip promtool check config (promtool not installed: scripts/check-observability.sh installs it)"
 fi
-check "Makefile: k3d-up images deploy demo-k8s k3d-down render check parse (make -n)" \
-  make -n -s k3d-up images deploy demo-k8s k3d-down render check
+check "Makefile: secrets k3d-up images deploy demo-k8s k3d-down render check parse (make -n)" \
+  make -n -s secrets k3d-up images deploy demo-k8s k3d-down render check
 check "Makefile: IMAGE ($(make -s print-image 2>/dev/null || true)) is a name:tag reference" image_variable
 
 # --- shell scripts
