@@ -391,9 +391,10 @@ struct Pending {
 }
 
 impl DlqWriterState {
-    /// Partitions were assigned at these checkpoints: prunes the index below
-    /// them, loads what it holds at or past them, and resolves intents
-    /// without confirmation by reading the dead-letter topic from where they
+    /// Partitions were assigned at these checkpoints: confirms what this
+    /// writer delivered, loads what the index holds at or past them, prunes
+    /// it below the persisted checkpoint, and resolves intents without
+    /// confirmation by reading the dead-letter topic from where they
     /// recorded its end.
     async fn look_up(&mut self, assigned: Vec<(i32, Option<i64>)>) -> Result<(), PipelineError> {
         let Some(index) = self.args.index.clone() else {

@@ -31,6 +31,13 @@ pub struct RawRecord {
     pub kafka_timestamp_ms: Option<i64>,
 }
 
+impl RawRecord {
+    /// What this record holds against the in-flight byte budget.
+    pub fn budget_bytes(&self) -> usize {
+        crate::budget::record_bytes(self.key.as_deref(), self.payload.as_deref())
+    }
+}
+
 /// A record the parser accepted, ready for the sinks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidRecord {

@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::budget::{record_bytes, HeldBytes};
+use crate::budget::HeldBytes;
 use crate::dlq_writer::DlqWriterMsg;
 use crate::mailbox::{BoundedSender, MailboxPermit};
 use crate::models::{PoisonRecord, RawRecord, ValidRecord};
@@ -114,12 +114,7 @@ impl Actor for ParserActor {
                     .map(|elapsed| elapsed.as_millis() as i64)
                     .unwrap_or_default();
                 let (valid, poison) = split_batch(records, &state.args.rules);
-                let poison_bytes = poison
-                    .iter()
-                    .map(|record| {
-                        record_bytes(record.raw.key.as_deref(), record.raw.payload.as_deref())
-                    })
-                    .sum();
+                let poison_bytes = poison.iter().map(|record| record.raw.budget_bytes()).sum();
                 let dlq_bytes = bytes.split(poison_bytes);
                 // A full mailbox downstream is backpressure, not a hang.
                 let progress = &state.args.progress;

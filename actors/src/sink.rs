@@ -33,7 +33,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{info, warn};
 
 use crate::breaker::CircuitBreaker;
-use crate::budget::{record_bytes, HeldBytes};
+use crate::budget::HeldBytes;
 use crate::committer::CommitterMsg;
 use crate::config::PipelineConfig;
 use crate::dlq_writer::DlqWriterMsg;
@@ -212,12 +212,7 @@ impl SinkState {
         }
         if !refused.is_empty() {
             let count = refused.len();
-            let refused_bytes = refused
-                .iter()
-                .map(|record| {
-                    record_bytes(record.raw.key.as_deref(), record.raw.payload.as_deref())
-                })
-                .sum();
+            let refused_bytes = refused.iter().map(|record| record.raw.budget_bytes()).sum();
             let bytes = HeldBytes::take_from(&mut self.buffered_bytes, refused_bytes);
             let send = self.args.dlq_writer.send(|permit| DlqWriterMsg::Write {
                 records: refused,

@@ -144,15 +144,16 @@ pub fn postgres_tables() -> Vec<(&'static str, String)> {
 /// missing one is created under a transaction-scoped advisory lock (two
 /// processes creating the same table at once otherwise race inside
 /// PostgreSQL: a unique violation on `pg_type`); a role that may not
-/// create it gets an error that says to migrate first.
-pub async fn ensure_table(client: &Client, table: &str, ddl: &str) -> Result<(), PipelineError> {
+/// create it gets an error that says to migrate first. Returns whether it
+/// created the table.
+pub async fn ensure_table(client: &Client, table: &str, ddl: &str) -> Result<bool, PipelineError> {
     let exists: bool = client
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
         .await
         .map_err(PipelineError::postgres(format!("look up table {table}")))?
         .get(0);
     if exists {
-        return Ok(());
+        return Ok(false);
     }
     let created = client
         .batch_execute(&format!(
@@ -160,7 +161,7 @@ pub async fn ensure_table(client: &Client, table: &str, ddl: &str) -> Result<(),
         ))
         .await;
     match created {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(source) => {
             // The failed transaction must not stay open on this connection.
             let _ = client.batch_execute("ROLLBACK").await;

@@ -68,15 +68,10 @@ pub async fn migrate(arguments: &MigrateArgs) -> anyhow::Result<()> {
     let client = connect_postgres(&arguments.postgres_url).await?;
     let tables = postgres_tables();
     for (table, ddl) in &tables {
-        let existed: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[table])
-            .await
-            .with_context(|| format!("cannot look up table {table}"))?
-            .get(0);
-        ensure_table(&client, table, ddl).await?;
+        let created = ensure_table(&client, table, ddl).await?;
         println!(
             "table {table}: {}",
-            if existed { "exists" } else { "created" }
+            if created { "created" } else { "exists" }
         );
     }
     if let Some(role) = &arguments.grant_to {

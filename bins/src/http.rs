@@ -21,11 +21,14 @@ pub fn http_request(
     path_and_query: &str,
     bearer: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(TIMEOUT))
-        .build()
-        .into();
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    let agent = AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(TIMEOUT))
+            .build()
+            .into()
+    });
     let mut request = ureq::http::Request::builder()
         .method(method)
         .uri(format!("http://{address}{path_and_query}"));

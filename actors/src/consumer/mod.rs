@@ -45,7 +45,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use tracing::{info, warn};
 
-use crate::budget::{record_bytes, ByteBudget};
+use crate::budget::ByteBudget;
 use crate::committer::CommitterMsg;
 use crate::dlq_writer::DlqWriterMsg;
 use crate::error::PipelineError;
@@ -92,7 +92,7 @@ pub enum ConsumerMsg {
 pub struct ConsumerState {
     args: ConsumerArgs,
     /// Records read but not handed out yet: no room in the pipeline.
-    pending: Vec<RawRecord>,
+    pending: Batch,
     /// Whether the assigned partitions are paused.
     paused: bool,
 }
@@ -133,7 +133,7 @@ impl Actor for ConsumerActor {
         metrics::counter!(names::CONSUMER_PAUSES).increment(0);
         Ok(ConsumerState {
             args,
-            pending: Vec::new(),
+            pending: Batch::default(),
             paused: false,
         })
     }
@@ -163,7 +163,7 @@ impl Actor for ConsumerActor {
                     bytes: (state.args.budget.limit() / 4).max(1),
                 };
                 // Holding a batch already: only serve the group, do not wait.
-                let wait = if state.pending.is_empty() {
+                let wait = if state.pending.records.is_empty() {
                     POLL_WAIT
                 } else {
                     Duration::ZERO
@@ -210,7 +210,7 @@ impl Actor for ConsumerActor {
                     };
                     set_intake(&state.args.consumer, intake)?;
                 }
-                if !state.pending.is_empty() {
+                if !state.pending.records.is_empty() {
                     state.hand_out().await?;
                 } else if state.paused {
                     // The batch that waited left with its partitions (a
@@ -231,11 +231,7 @@ impl ConsumerState {
     /// mailbox slot and its bytes) within [`POLL_WAIT`]; otherwise pauses
     /// the partitions and keeps the batch for the next turn.
     async fn hand_out(&mut self) -> Result<(), ActorProcessingErr> {
-        let bytes: usize = self
-            .pending
-            .iter()
-            .map(|record| record_bytes(record.key.as_deref(), record.payload.as_deref()))
-            .sum();
+        let bytes = self.pending.bytes;
         let (budget, parser) = (&self.args.budget, &self.args.parser);
         let room = async {
             let held = budget.acquire(bytes).await;
@@ -254,7 +250,7 @@ impl ConsumerState {
                 self.paused = true;
                 metrics::counter!(names::CONSUMER_PAUSES).increment(1);
                 info!(
-                    records = self.pending.len(),
+                    records = self.pending.records.len(),
                     bytes,
                     in_flight_bytes = budget.held(),
                     "the pipeline is full; intake paused, still polling"
@@ -268,7 +264,7 @@ impl ConsumerState {
             self.paused = false;
             info!("room in the pipeline; intake resumed");
         }
-        let records = std::mem::take(&mut self.pending);
+        let records = std::mem::take(&mut self.pending).records;
         metrics::counter!(names::EVENTS_CONSUMED).increment(records.len() as u64);
         let positions = records.iter().map(|record| record.position).collect();
         self.args.committer.cast(CommitterMsg::Track(positions))?;
@@ -314,12 +310,35 @@ fn set_intake(
     }
 }
 
+/// Records read and not handed out yet, with their bytes (as
+/// [`RawRecord::budget_bytes`] counts them), counted as they come.
+#[derive(Debug, Default)]
+struct Batch {
+    records: Vec<RawRecord>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn push(&mut self, record: RawRecord) {
+        self.bytes += record.budget_bytes();
+        self.records.push(record);
+    }
+
+    /// See [`drop_revoked`].
+    fn drop_revoked(&mut self, revoked: &HashSet<i32>) {
+        if !revoked.is_empty() {
+            drop_revoked(&mut self.records, revoked);
+            self.bytes = self.records.iter().map(RawRecord::budget_bytes).sum();
+        }
+    }
+}
+
 /// Where a batch stops growing.
 #[derive(Debug, Clone, Copy)]
 struct BatchLimits {
     /// Records.
     records: usize,
-    /// Bytes (as [`record_bytes`] counts them).
+    /// Bytes (as [`RawRecord::budget_bytes`] counts them).
     bytes: usize,
 }
 
@@ -347,7 +366,7 @@ fn drop_revoked(records: &mut Vec<RawRecord>, revoked: &HashSet<i32>) {
     }
 }
 
-/// Adds records to `records` until it holds `limits` (records or bytes):
+/// Adds records to `batch` until it holds `limits` (records or bytes):
 /// polls at least once (so the group is served even when the batch is
 /// full: records of paused partitions do not come), waits up to `wait` for
 /// the first record, then takes what is already fetched without waiting.
@@ -359,37 +378,27 @@ fn drop_revoked(records: &mut Vec<RawRecord>, revoked: &HashSet<i32>) {
 /// client, which joins under the same id.
 fn poll_batch(
     consumer: &BaseConsumer<CheckpointingContext>,
-    records: &mut Vec<RawRecord>,
+    batch: &mut Batch,
     limits: BatchLimits,
     mut wait: Duration,
 ) -> Result<(), PipelineError> {
     let context = consumer.context();
     let _polling = context.poll_lock.lock();
-    let size = |record: &RawRecord| record_bytes(record.key.as_deref(), record.payload.as_deref());
-    let mut bytes: usize = records.iter().map(size).sum();
     loop {
         let polled = consumer.poll(wait);
-        let revoked = context.take_revoked();
-        if !revoked.is_empty() {
-            drop_revoked(records, &revoked);
-            bytes = records.iter().map(size).sum();
-        }
+        batch.drop_revoked(&context.take_revoked());
         match polled {
             None => break,
-            Some(Ok(message)) => {
-                let record = RawRecord {
-                    position: SourcePosition {
-                        partition: message.partition(),
-                        offset: message.offset(),
-                    },
-                    key: message.key().map(<[u8]>::to_vec),
-                    payload: message.payload().map(<[u8]>::to_vec),
-                    replay_count: replay_count(&message),
-                    kafka_timestamp_ms: message.timestamp().to_millis(),
-                };
-                bytes += size(&record);
-                records.push(record);
-            }
+            Some(Ok(message)) => batch.push(RawRecord {
+                position: SourcePosition {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                },
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().map(<[u8]>::to_vec),
+                replay_count: replay_count(&message),
+                kafka_timestamp_ms: message.timestamp().to_millis(),
+            }),
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(poll_error)) => {
                 // Broker and transport errors are retried by librdkafka;
@@ -399,7 +408,7 @@ fn poll_batch(
             }
         }
         wait = Duration::ZERO;
-        if records.len() >= limits.records || bytes >= limits.bytes {
+        if batch.records.len() >= limits.records || batch.bytes >= limits.bytes {
             break;
         }
     }
