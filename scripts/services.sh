@@ -1,17 +1,48 @@
 #!/usr/bin/env bash
 # Local services for development and CI, all on 127.0.0.1:
 #   kafka      Apache Kafka $KAFKA_VERSION (KRaft, one node, jars from Maven
-#              Central, log on disk) + topics $TOPIC and $DLQ_TOPIC
+#              Central, log on disk) + topics $TOPIC and $DLQ_TOPIC, two listeners:
+#              127.0.0.1:$KAFKA_PORT  PLAINTEXT, unauthenticated and all-powerful
+#                (its principal User:ANONYMOUS is a super user): development, tests
+#              127.0.0.1:$KAFKA_SASL_SSL_PORT  SASL_SSL: TLS (the server certificate
+#                below), SASL SCRAM-SHA-512, ACLs (StandardAuthorizer; no ACL, no
+#                access). Users and what their ACLs allow:
+#                admin      everything (super user)
+#                processor  topic $TOPIC: Read, Describe; topic $DLQ_TOPIC: Write,
+#                           Read, Describe; group processor: Read, Describe
+#                loadgen    topic $TOPIC: Write, Describe
+#                and, for the tests' own topics and groups (prefixed ACLs):
+#                processor  topics secured-src-*: Read, Describe; topics
+#                           secured-dlq-*: Write, Read, Describe; groups
+#                           secured-*: Read, Describe
+#                loadgen    topics secured-src-*: Write, Describe
+#                Each user's password (24 random letters and digits, NO trailing
+#                newline, mode 0600) is in .services/kafka/users/<user>.password.
+#                A client: security.protocol=SASL_SSL, sasl.mechanism(s)=SCRAM-SHA-512,
+#                the CA .services/tls/ca.pem as its trust store.
 #   postgres   Debian PostgreSQL cluster, database $PG_DB, user postgres/$PG_PASSWORD
 #   clickhouse Debian clickhouse-server, database $CH_DB
 #   sqs        moto server (in a venv under .services/)
+#
+# Test TLS material, for every service (Kafka's SASL_SSL listener now): made
+# with openssl once, made again (all of it) when missing or when the server
+# certificate expires within 30 days; in .services/tls/:
+#   ca.pem, ca.key          the self-signed CA "stream-pipeline local test CA"
+#                           (10 years): the one file a client trusts is ca.pem
+#   server.pem, server.key  the server's certificate (signed by the CA, 2
+#                           years, SAN DNS:localhost + IP:127.0.0.1, serverAuth)
+#                           and its unencrypted PKCS#8 key
+#   server.p12              that key + server.pem + ca.pem as a PKCS12 keystore
+#                           (for Java), its password in keystore.password
+# Key files and passwords are mode 0600.
 #
 # Usage: scripts/services.sh up|down|status
 #   up      install what is missing, start what is not running, wait until healthy
 #   down    stop what is running (safe when nothing runs)
 #   status  one line per service; exit 0 if all are up, 1 otherwise
 #   stop S  stop one service (kafka, postgres, clickhouse, sqs); `up` restarts it
-#   start S start one installed service (kafka: the broker only, no topics)
+#   start S start one installed service (kafka: the broker, its users and
+#           ACLs, no topics)
 #   kill kafka  SIGKILL the broker (a crash; `start kafka` brings it back)
 #   freeze S / thaw S  SIGSTOP / SIGCONT postgres or clickhouse: a hung server
 #              that keeps its connections open and answers nothing
@@ -25,6 +56,9 @@ STATE="$ROOT/.services"
 
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9095}"
+# Not 9093: the demo's Alertmanager listens on 127.0.0.1:9093 (scripts/demo.sh,
+# observability/prometheus/prometheus.yml).
+KAFKA_SASL_SSL_PORT="${KAFKA_SASL_SSL_PORT:-9094}"
 KAFKA_VERSION="${KAFKA_VERSION:-4.4.0}"
 KAFKA_HEAP="${KAFKA_HEAP:-512m}"
 PG_PORT="${PG_PORT:-5432}"
@@ -154,6 +188,19 @@ stop_pid() { # service pidfile pattern
     rm -f "$pidfile"
 }
 
+# 24 random letters and digits, without a newline.
+random_password() {
+    python3 -c 'import secrets, string
+a = string.ascii_letters + string.digits
+print("".join(secrets.choice(a) for _ in range(24)), end="")'
+}
+
+# Writes stdin to the file, mode 0600 (through a temporary file and a rename).
+write_secret() { # file
+    local tmp="$1.tmp.$$"
+    (umask 077 && cat >"$tmp") && mv -f "$tmp" "$1"
+}
+
 # ---------------------------------------------------------------- installs
 
 apt_lists_fresh() {
@@ -194,6 +241,11 @@ install_missing() {
     fi
     if ! command -v clickhouse-client >/dev/null; then pkgs+=(clickhouse-client); fi
     if ! command -v curl >/dev/null; then pkgs+=(curl); fi
+    # librdkafka is built with OpenSSL (TLS, SASL SCRAM): its headers and
+    # pkg-config, for the cargo builds that follow.
+    if ! command -v pkg-config >/dev/null; then pkgs+=(pkg-config); fi
+    if ! pkg-config --exists openssl 2>/dev/null; then pkgs+=(libssl-dev); fi
+    if ! command -v openssl >/dev/null; then pkgs+=(openssl); fi
     if ((${#pkgs[@]})); then
         apt_install "${pkgs[@]}"
         log "apt: installed ${pkgs[*]}"
@@ -226,13 +278,87 @@ install_moto() {
     fi
 }
 
+# ---------------------------------------------------------------- tls
+#
+# A test CA and one server certificate for 127.0.0.1/localhost, shared by the
+# services (see the header). Not Kafka's: nothing here names a service.
+
+TLS_DIR="$STATE/tls"
+TLS_LOG="$STATE/tls.log"
+TLS_CA_SUBJECT="/CN=stream-pipeline local test CA"
+TLS_CA_DAYS=3650
+TLS_SERVER_DAYS=730
+TLS_RENEW_BEFORE_S=$((30 * 86400))
+
+# True if every file is there, the certificates are good for 30 more days,
+# the server's is signed by the CA and server.key is its key.
+tls_valid() {
+    local d="$TLS_DIR" f
+    for f in ca.pem ca.key server.pem server.key server.p12 keystore.password; do
+        [[ -s "$d/$f" ]] || return 1
+    done
+    openssl x509 -checkend "$TLS_RENEW_BEFORE_S" -noout -in "$d/server.pem" >/dev/null 2>&1 &&
+        openssl x509 -checkend "$TLS_RENEW_BEFORE_S" -noout -in "$d/ca.pem" >/dev/null 2>&1 &&
+        openssl verify -CAfile "$d/ca.pem" "$d/server.pem" >/dev/null 2>&1 &&
+        [[ "$(openssl x509 -noout -pubkey -in "$d/server.pem" 2>/dev/null)" == \
+            "$(openssl pkey -pubout -in "$d/server.key" 2>/dev/null)" ]]
+}
+
+# Makes the CA, the server certificate and the PKCS12 keystore in dir (run
+# in a subshell: it changes directory and umask). `|| return` on each step:
+# set -e does not hold inside the caller's `if`.
+tls_generate() { # dir
+    local serial
+    serial="0x$(openssl rand -hex 16)" || return
+    cd "$1" || return
+    umask 077
+    openssl req -x509 -new -newkey rsa:2048 -nodes -sha256 -days "$TLS_CA_DAYS" \
+        -subj "$TLS_CA_SUBJECT" -keyout ca.key -out ca.pem \
+        -addext 'basicConstraints=critical,CA:TRUE' \
+        -addext 'keyUsage=critical,keyCertSign,cRLSign' || return
+    openssl req -new -newkey rsa:2048 -nodes -sha256 -subj /CN=localhost \
+        -keyout server.key -out server.csr || return
+    printf '%s\n' 'basicConstraints=critical,CA:FALSE' \
+        'keyUsage=critical,digitalSignature,keyEncipherment' \
+        'extendedKeyUsage=serverAuth' 'subjectAltName=DNS:localhost,IP:127.0.0.1' \
+        'subjectKeyIdentifier=hash' 'authorityKeyIdentifier=keyid' >server.ext
+    openssl x509 -req -sha256 -days "$TLS_SERVER_DAYS" -in server.csr \
+        -CA ca.pem -CAkey ca.key -set_serial "$serial" -extfile server.ext -out server.pem || return
+    random_password >keystore.password || return
+    openssl pkcs12 -export -name server -in server.pem -inkey server.key -certfile ca.pem \
+        -passout file:keystore.password -out server.p12 || return
+    rm -f server.csr server.ext
+    chmod 0644 ca.pem server.pem
+}
+
+# The CA and the server certificate: made when missing or about to expire.
+# A new keystore has a new password, so the broker's configuration changes
+# and kafka_start restarts it with the new certificate.
+tls_ensure() {
+    local new="$STATE/tls.new"
+    tls_valid && return 0
+    log "tls: making a test CA and a server certificate (localhost, 127.0.0.1) in $TLS_DIR"
+    rm -rf "$new"
+    mkdir -p "$new"
+    if ! (tls_generate "$new") >"$TLS_LOG" 2>&1; then
+        show_logs "$TLS_LOG"
+        die "tls: openssl failed"
+    fi
+    rm -rf "$TLS_DIR"
+    mv "$new" "$TLS_DIR"
+    tls_valid || die "tls: the new server certificate does not verify (log: $TLS_LOG)"
+}
+
 # ---------------------------------------------------------------- kafka
 #
 # Apache Kafka in KRaft mode: one node that is both broker and controller,
 # its jars resolved from Maven Central (scripts/kafka/pom.xml), its log on
 # disk under .services/kafka/data, so a broker restart keeps every record.
 # Topics are created through the Kafka admin API by `streamctl topics
-# ensure`, the same command the cluster's topic-init job runs.
+# ensure`, the same command the cluster's topic-init job runs. The SASL_SSL
+# listener's users and ACLs are set by Kafka's own tools (ConfigCommand,
+# AclCommand) over the PLAINTEXT listener, once per log directory: a stamp in
+# it records what was set.
 
 KAFKA_HOME="$STATE/kafka"
 KAFKA_LIBS="$KAFKA_HOME/libs"
@@ -240,9 +366,15 @@ KAFKA_DATA="$KAFKA_HOME/data"
 KAFKA_CONFIG="$KAFKA_HOME/server.properties"
 KAFKA_PID="$STATE/kafka.pid"
 KAFKA_LOG="$STATE/kafka.log"
+KAFKA_USERS_DIR="$KAFKA_HOME/users"
+KAFKA_USERS=(admin processor loadgen)
+KAFKA_AUTH_STAMP="$KAFKA_DATA/.services-sh-auth"
+KAFKA_AUTH_LOG="$STATE/kafka-auth.log"
 
 install_kafka() {
-    local stamp="$KAFKA_LIBS/.resolved-$KAFKA_VERSION" java_version
+    local pom="$ROOT/scripts/kafka/pom.xml" stamp java_version
+    # The pom's hash in the stamp: a changed pom resolves again.
+    stamp="$KAFKA_LIBS/.resolved-$KAFKA_VERSION-$(sha256sum <"$pom" | cut -c1-12)"
     [[ -f "$stamp" ]] && return 0
     command -v java >/dev/null || die "kafka: java not found (Apache Kafka $KAFKA_VERSION needs Java 17 or newer)"
     java_version="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')"
@@ -252,7 +384,7 @@ install_kafka() {
     command -v mvn >/dev/null || die "kafka: mvn not found (Maven resolves the Kafka jars from Maven Central)"
     log "kafka: resolving Apache Kafka $KAFKA_VERSION from Maven Central (log: $STATE/kafka-install.log)..."
     rm -rf "$KAFKA_LIBS"
-    if ! mvn -B -q -f "$ROOT/scripts/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+    if ! mvn -B -q -f "$pom" -Dkafka.version="$KAFKA_VERSION" \
         dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIBS" \
         >"$STATE/kafka-install.log" 2>&1; then
         show_logs "$STATE/kafka-install.log"
@@ -265,18 +397,35 @@ install_kafka() {
 # The broker's configuration, on stdout. Local-development choices, each
 # named: no wait before a new group's first rebalance, a small offsets topic,
 # replication factor 1 (one node), and no topic created by a produce or a
-# fetch, as in production.
+# fetch, as in production. It holds the keystore's password: mode 0600.
 kafka_properties() {
+    local keystore_password
+    keystore_password="$(cat "$TLS_DIR/keystore.password")" || die "kafka: no $TLS_DIR/keystore.password"
     cat <<PROPS
 # Written by scripts/services.sh; edits are overwritten on the next 'up'.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,SASL_SSL://$HOST:$KAFKA_SASL_SSL_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT,SASL_SSL://$HOST:$KAFKA_SASL_SSL_PORT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
 inter.broker.listener.name=PLAINTEXT
+# SASL_SSL: TLS with the test server certificate (no client certificates),
+# then SCRAM-SHA-512 against the users in the cluster's metadata.
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PKCS12
+listener.name.sasl_ssl.ssl.keystore.location=$TLS_DIR/server.p12
+listener.name.sasl_ssl.ssl.keystore.password=$keystore_password
+listener.name.sasl_ssl.ssl.client.auth=none
+# ACLs decide, and no ACL means no access. User:ANONYMOUS is whoever comes in
+# unauthenticated: on the PLAINTEXT listener (loopback only, the development
+# and test listener, which thus stays all-powerful) and on the CONTROLLER
+# listener (the broker itself). User:admin is the SASL_SSL super user.
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:ANONYMOUS;User:admin
+allow.everyone.if.no.acl.found=false
 log.dirs=$KAFKA_DATA
 num.partitions=1
 auto.create.topics.enable=false
@@ -291,13 +440,13 @@ PROPS
 }
 
 kafka_healthy() {
-    port_open "$KAFKA_PORT"
+    port_open "$KAFKA_PORT" && port_open "$KAFKA_SASL_SSL_PORT"
 }
 
 # True once the broker we started logged that it is up (its listener takes
 # connections slightly before it can serve metadata).
 kafka_started() {
-    port_open "$KAFKA_PORT" && grep -q 'Kafka Server started' "$KAFKA_LOG" 2>/dev/null
+    kafka_healthy && grep -q 'Kafka Server started' "$KAFKA_LOG" 2>/dev/null
 }
 
 kafka_format() {
@@ -316,8 +465,9 @@ kafka_format() {
 
 kafka_up() {
     kafka_start
+    kafka_auth_ensure
     kafka_topics_ensure
-    log "kafka: up ($HOST:$KAFKA_PORT)"
+    log "kafka: up ($HOST:$KAFKA_PORT plaintext, $HOST:$KAFKA_SASL_SSL_PORT SASL_SSL)"
 }
 
 # Starts the broker (if it is not running) and waits until it serves.
@@ -327,16 +477,18 @@ kafka_start() {
     wanted="$(kafka_properties)"
     if [[ "$(cat "$KAFKA_CONFIG" 2>/dev/null || true)" != "$wanted" ]]; then
         if pid_of "$KAFKA_PID" "$me" >/dev/null; then
-            log "kafka: configuration changed (ports), restarting"
+            log "kafka: configuration changed (ports or keystore), restarting"
             stop_pid kafka "$KAFKA_PID" "$me"
         fi
-        printf '%s\n' "$wanted" >"$KAFKA_CONFIG"
+        printf '%s\n' "$wanted" | write_secret "$KAFKA_CONFIG"
     fi
     if pid="$(pid_of "$KAFKA_PID" "$me")"; then
         wait_healthy kafka 90 kafka_healthy "$KAFKA_PID" "$me" "$KAFKA_LOG"
         log "kafka: already running (pid $pid)"
     elif port_open "$KAFKA_PORT"; then
         die "kafka: port $HOST:$KAFKA_PORT is taken by something this script did not start"
+    elif port_open "$KAFKA_SASL_SSL_PORT"; then
+        die "kafka: SASL_SSL port $HOST:$KAFKA_SASL_SSL_PORT is taken (set KAFKA_SASL_SSL_PORT)"
     elif port_open "$KAFKA_CONTROLLER_PORT"; then
         die "kafka: controller port $HOST:$KAFKA_CONTROLLER_PORT is taken (set KAFKA_CONTROLLER_PORT)"
     else
@@ -353,6 +505,112 @@ kafka_start() {
         wait_healthy kafka 120 kafka_started "$KAFKA_PID" "$me" "$KAFKA_LOG"
         log "kafka: started (pid $(cat "$KAFKA_PID"))"
     fi
+}
+
+# The SASL_SSL listener's ACLs, one AclCommand run per line (its operations
+# on each of its resources): principal, pattern type, operations, resources.
+kafka_acl_spec() {
+    cat <<SPEC
+processor LITERAL Read,Describe topic=$TOPIC group=processor
+processor LITERAL Write,Read,Describe topic=$DLQ_TOPIC
+processor PREFIXED Read,Describe topic=secured-src- group=secured-
+processor PREFIXED Write,Read,Describe topic=secured-dlq-
+loadgen LITERAL Write,Describe topic=$TOPIC
+loadgen PREFIXED Write,Describe topic=secured-src-
+SPEC
+}
+
+# What the broker should have, one line each: "user NAME SHA-256(password)"
+# and "acl SPEC-LINE". Also the stamp's content once it has it.
+kafka_auth_wanted() {
+    local u
+    for u in "${KAFKA_USERS[@]}"; do
+        echo "user $u $(sha256sum <"$KAFKA_USERS_DIR/$u.password" | cut -d' ' -f1)"
+    done
+    kafka_acl_spec | sed 's/^/acl /'
+}
+
+# Runs a Kafka tool class against the PLAINTEXT listener (a super user), its
+# output appended to $KAFKA_AUTH_LOG. The JVM flags make a short run start
+# faster.
+kafka_tool_run() { # what class args...
+    echo "+ $1" >>"$KAFKA_AUTH_LOG"
+    java -Xshare:auto -XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Djava.awt.headless=true \
+        -Dlog4j2.configurationFile="$ROOT/scripts/kafka/tools-log4j2.properties" \
+        -cp "$KAFKA_LIBS/*" "$2" --bootstrap-server "$HOST:$KAFKA_PORT" "${@:3}" \
+        >>"$KAFKA_AUTH_LOG" 2>&1 </dev/null
+}
+
+# kafka_tool_run, and dies if the tool failed.
+kafka_tool() { # what class args...
+    kafka_tool_run "$@" || {
+        show_logs "$KAFKA_AUTH_LOG"
+        die "kafka: $1 failed"
+    }
+}
+
+kafka_acl() { # add|remove principal pattern-type operations resources...
+    local action="$1" principal="$2" pattern="$3" ops r op args
+    IFS=, read -ra ops <<<"$4"
+    shift 4
+    args=("--$action" --allow-principal "User:$principal" --resource-pattern-type "$pattern")
+    [[ "$action" == remove ]] && args+=(--force)
+    for op in "${ops[@]}"; do args+=(--operation "$op"); done
+    for r in "$@"; do args+=("--${r%%=*}" "${r#*=}"); done
+    kafka_tool "AclCommand ${args[*]}" org.apache.kafka.tools.AclCommand "${args[@]}"
+}
+
+# The SCRAM-SHA-512 users (a password file for each, made when missing) and
+# the ACLs. JVM tools take seconds: only what differs from the stamp
+# $KAFKA_AUTH_STAMP is done (new or changed users set, users no longer
+# wanted deleted, ACLs added or removed), then the stamp is rewritten. The
+# stamp lives in the log directory, so a formatted-again one is set up anew.
+kafka_auth_ensure() {
+    local u wanted have kind name rest start=$SECONDS
+    mkdir -p "$KAFKA_USERS_DIR"
+    for u in "${KAFKA_USERS[@]}"; do
+        [[ -s "$KAFKA_USERS_DIR/$u.password" ]] || random_password | write_secret "$KAFKA_USERS_DIR/$u.password"
+    done
+    wanted="$(kafka_auth_wanted)"
+    have="$(cat "$KAFKA_AUTH_STAMP" 2>/dev/null || true)"
+    [[ "$wanted" == "$have" ]] && return 0
+    log "kafka: setting SCRAM users and ACLs over PLAINTEXT (log: $KAFKA_AUTH_LOG)..."
+    : >"$KAFKA_AUTH_LOG"
+    # Gone from the spec: ACLs removed, users no longer listed deleted.
+    while read -r kind name rest; do
+        case "$kind" in
+            acl)
+                # shellcheck disable=SC2086  # the spec line's words
+                kafka_acl remove "$name" $rest
+                ;;
+            user)
+                # (A user already gone is what is wanted.)
+                grep -q "^user $name " <<<"$wanted" ||
+                    kafka_tool_run "ConfigCommand: delete user $name" org.apache.kafka.tools.ConfigCommand \
+                        --alter --delete-config SCRAM-SHA-512 --entity-type users --entity-name "$name" ||
+                    [[ "$(tail -n 20 "$KAFKA_AUTH_LOG")" == *"user credential that does not exist"* ]] || {
+                    show_logs "$KAFKA_AUTH_LOG"
+                    die "kafka: ConfigCommand: delete user $name failed"
+                }
+                ;;
+        esac
+    done < <(comm -23 <(sort <<<"$have") <(sort <<<"$wanted"))
+    # New or changed: users (re)set, then ACLs added.
+    while read -r kind name rest; do
+        case "$kind" in
+            acl)
+                # shellcheck disable=SC2086  # the spec line's words
+                kafka_acl add "$name" $rest
+                ;;
+            user)
+                kafka_tool "ConfigCommand: set user $name" org.apache.kafka.tools.ConfigCommand \
+                    --alter --add-config "SCRAM-SHA-512=[password=$(cat "$KAFKA_USERS_DIR/$name.password")]" \
+                    --entity-type users --entity-name "$name"
+                ;;
+        esac
+    done < <(comm -13 <(sort <<<"$have") <(sort <<<"$wanted") | sort -s -r -k1,1)
+    printf '%s\n' "$wanted" | write_secret "$KAFKA_AUTH_STAMP"
+    log "kafka: users ${KAFKA_USERS[*]} (passwords in $KAFKA_USERS_DIR) and ACLs set in $((SECONDS - start))s"
 }
 
 # streamctl of this checkout (built when missing or stale: cargo decides).
@@ -378,9 +636,9 @@ kafka_topics_ensure() {
 
 kafka_status() {
     if kafka_healthy; then
-        echo "kafka: up ($HOST:$KAFKA_PORT, Apache Kafka $KAFKA_VERSION)"
+        echo "kafka: up ($HOST:$KAFKA_PORT plaintext, $HOST:$KAFKA_SASL_SSL_PORT SASL_SSL SCRAM-SHA-512, Apache Kafka $KAFKA_VERSION)"
     else
-        echo "kafka: down ($HOST:$KAFKA_PORT)"
+        echo "kafka: down ($HOST:$KAFKA_PORT plaintext, $HOST:$KAFKA_SASL_SSL_PORT SASL_SSL)"
         return 1
     fi
 }
@@ -599,6 +857,7 @@ cmd_up() {
     local start=$SECONDS
     with_lock up
     install_missing
+    tls_ensure
     kafka_up
     pg_up
     ch_up
@@ -615,11 +874,16 @@ cmd_down() {
 }
 
 # Starts one service without installing anything (the broker-fault tests'
-# restart of a killed broker; `kafka` creates no topics).
+# restart of a killed broker; `kafka` creates no topics, but makes the TLS
+# material, users and ACLs if they are missing).
 cmd_start() {
     with_lock start "$@"
     case "${1:-}" in
-        kafka) kafka_start ;;
+        kafka)
+            tls_ensure
+            kafka_start
+            kafka_auth_ensure
+            ;;
         postgres) pg_up ;;
         clickhouse) ch_up ;;
         sqs) sqs_up ;;

@@ -5,8 +5,8 @@ use std::time::Duration;
 /// Everything the actors need to know, passed down explicitly.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
-    /// Kafka bootstrap servers, `host:port[,host:port]`.
-    pub brokers: String,
+    /// The Kafka brokers and how to reach them (TLS, SASL).
+    pub brokers: crate::kafka::Brokers,
     /// Consumer group; also the key of the persisted checkpoint.
     pub group_id: String,
     /// Source topic.
@@ -77,7 +77,7 @@ impl PipelineConfig {
     /// A configuration pointing at the local services started by `scripts/services.sh`.
     pub fn local_defaults() -> PipelineConfig {
         PipelineConfig {
-            brokers: "127.0.0.1:9092".to_string(),
+            brokers: crate::kafka::Brokers::plaintext("127.0.0.1:9092"),
             group_id: "processor".to_string(),
             topic: "events".to_string(),
             dlq_topic: "events.dlq".to_string(),

@@ -46,7 +46,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use backon::{ExponentialBuilder, Retryable};
 use futures::future::join_all;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -58,6 +57,7 @@ use crate::budget::HeldBytes;
 use crate::committer::CommitterMsg;
 use crate::error::PipelineError;
 use crate::faults::{CrashPoint, Faults};
+use crate::kafka::Brokers;
 use crate::mailbox::MailboxPermit;
 use crate::metrics as names;
 use crate::models::{AckSource, PoisonRecord, SourcePosition};
@@ -183,9 +183,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Builds the idempotent producer the DLQ writer uses.
-pub fn create_dlq_producer(brokers: &str) -> Result<FutureProducer, PipelineError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+pub fn create_dlq_producer(brokers: &Brokers) -> Result<FutureProducer, PipelineError> {
+    brokers
+        .client_config()
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
@@ -206,7 +206,7 @@ pub struct DlqWriterArgs {
     pub committer: ActorRef<CommitterMsg>,
     /// Brokers, to read the dead-letter topic's end offsets, and back where
     /// an intent has no confirmation.
-    pub brokers: String,
+    pub brokers: Brokers,
     /// The DLQ index; `None` writes every dead letter, even one already in
     /// the topic (only the recovery tests' negative control).
     pub index: Option<Arc<DlqIndex>>,
@@ -291,7 +291,7 @@ fn remember(written: &mut HashSet<(i32, i64)>, delivered: &[crate::models::Sourc
 /// The dead-letter topic's end offset of each partition, by partition id
 /// ([`crate::topic::end_offsets`]): where a dead letter produced from now on
 /// can be found at the earliest. Blocking.
-fn dlq_end_offsets(brokers: &str, topic: &str) -> Result<Vec<i64>, PipelineError> {
+fn dlq_end_offsets(brokers: &Brokers, topic: &str) -> Result<Vec<i64>, PipelineError> {
     let ends = crate::topic::end_offsets(brokers, topic)
         .map_err(|error| PipelineError::DlqTopic(format!("{error:#}")))?;
     let mut by_id = vec![0; ends.keys().map(|id| *id as usize + 1).max().unwrap_or(0)];
@@ -331,7 +331,7 @@ fn scan_starts(intents: &[crate::storage::IndexedDeadLetter]) -> BTreeMap<i32, i
 /// Reads the dead-letter topic from `starts` and returns which of the
 /// `wanted` positions of `source_topic` it holds.
 fn delivered_among(
-    brokers: &str,
+    brokers: &Brokers,
     dlq_topic: &str,
     source_topic: &str,
     starts: &BTreeMap<i32, i64>,

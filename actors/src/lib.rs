@@ -18,6 +18,7 @@
 //! - [`breaker`]: the sink's circuit breaker per store.
 //! - [`faults`]: injected panics, hangs and crash points for the recovery tests and demo.
 //! - [`progress`]: what each actor tells the watchdog (busy, progress).
+//! - [`kafka`]: the brokers and how every client reaches them (TLS, SASL), and the start-up probe.
 //! - [`topic`]: reading a topic back (true end offsets, every record).
 //! - [`config`], [`error`], [`metrics`]: configuration, the error type, metric names.
 
@@ -29,6 +30,7 @@ pub mod consumer;
 pub mod dlq_writer;
 pub mod error;
 pub mod faults;
+pub mod kafka;
 pub mod mailbox;
 pub mod metrics;
 pub mod models;

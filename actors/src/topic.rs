@@ -8,21 +8,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::kafka::Brokers;
+
 /// How long a metadata or watermark request may take.
 pub const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A client for metadata and manual reads.
-pub fn plain_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "streamctl-inspect")
+pub fn plain_consumer(brokers: &Brokers) -> anyhow::Result<BaseConsumer> {
+    brokers
+        .client_config()
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .create()
@@ -32,8 +32,16 @@ pub fn plain_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
 /// The reading client's context. librdkafka reports a partition's end (with
 /// `enable.partition.eof`) as an error event, which rdkafka's default
 /// context logs at ERROR; reaching the end is what a read waits for, so it
-/// is logged at debug, and every other error as before.
+/// is logged at debug, and every other error as before. So is a refused
+/// group: librdkafka needs a `group.id` to assign partitions and looks its
+/// coordinator up, but a read joins no group and commits nothing, so a
+/// principal that may read the topic but not describe the reader's group
+/// (an ACL for the pipeline's group only) reads all the same.
 pub struct EndOfPartitionIsNotAnError;
+
+/// The group name librdkafka needs for a manual read (never joined, never
+/// committed to).
+const READER_GROUP: &str = "streamctl-inspect";
 
 impl ClientContext for EndOfPartitionIsNotAnError {
     fn error(&self, error: KafkaError, reason: &str) {
@@ -42,6 +50,8 @@ impl ClientContext for EndOfPartitionIsNotAnError {
             KafkaError::Global(RDKafkaErrorCode::PartitionEOF) | KafkaError::PartitionEOF(_)
         ) {
             tracing::debug!(%reason, "reached the end of a partition");
+        } else if is_refused_group(&error) {
+            tracing::debug!(%reason, "the reader's group {READER_GROUP} is not authorized (not needed for a read)");
         } else {
             tracing::error!("librdkafka: {error}: {reason}");
         }
@@ -50,13 +60,17 @@ impl ClientContext for EndOfPartitionIsNotAnError {
 
 impl ConsumerContext for EndOfPartitionIsNotAnError {}
 
+fn is_refused_group(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(RDKafkaErrorCode::GroupAuthorizationFailed)
+}
+
 /// A client for manual reads that reports each partition's end (a partition
 /// EOF), so a read stops at the end even when the last offsets hold no
 /// record a consumer sees (transaction markers).
-fn eof_consumer(brokers: &str) -> anyhow::Result<BaseConsumer<EndOfPartitionIsNotAnError>> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "streamctl-inspect")
+fn eof_consumer(brokers: &Brokers) -> anyhow::Result<BaseConsumer<EndOfPartitionIsNotAnError>> {
+    brokers
+        .client_config()
+        .set("group.id", READER_GROUP)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "10")
@@ -66,7 +80,7 @@ fn eof_consumer(brokers: &str) -> anyhow::Result<BaseConsumer<EndOfPartitionIsNo
 }
 
 /// The partitions of a topic, sorted.
-pub fn partitions(brokers: &str, topic: &str) -> anyhow::Result<Vec<i32>> {
+pub fn partitions(brokers: &Brokers, topic: &str) -> anyhow::Result<Vec<i32>> {
     let consumer = plain_consumer(brokers)?;
     let metadata = consumer
         .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
@@ -92,7 +106,7 @@ pub fn partitions(brokers: &str, topic: &str) -> anyhow::Result<Vec<i32>> {
 
 /// Per partition, the end offset (the high watermark): the offset the next
 /// record will get.
-pub fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+pub fn end_offsets(brokers: &Brokers, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
     let consumer = plain_consumer(brokers)?;
     let mut ends = BTreeMap::new();
     for partition in partitions(brokers, topic)? {
@@ -160,7 +174,7 @@ impl ReadRecord {
 /// they are now (what is written meanwhile is left out). Uses manual
 /// assignment: it joins no group, commits nothing.
 pub fn read_topic(
-    brokers: &str,
+    brokers: &Brokers,
     topic: &str,
     deadline: Duration,
 ) -> anyhow::Result<Vec<ReadRecord>> {
@@ -171,7 +185,7 @@ pub fn read_topic(
 /// not named is read from its beginning) to the end offsets as they are now.
 /// A start below what retention kept reads from the first record kept.
 pub fn read_from(
-    brokers: &str,
+    brokers: &Brokers,
     topic: &str,
     starts: &BTreeMap<i32, i64>,
     deadline: Duration,
@@ -223,6 +237,7 @@ pub fn read_from(
             Some(Err(KafkaError::PartitionEOF(partition))) => {
                 remaining.remove(&partition);
             }
+            Some(Err(error)) if is_refused_group(&error) => {}
             Some(Err(error)) => {
                 return Err(error).with_context(|| format!("error reading {topic}"))
             }

@@ -19,10 +19,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use stream_actors::kafka::Brokers;
 use stream_bins::scratch::{self, TestEnv};
 
 use crate::memory::scrape_max;
@@ -40,9 +40,14 @@ const EVENTS: u64 = 20_000;
 
 /// Writes `count` dead letters of `source_topic` (source offsets far past
 /// anything consumed) to `dlq_topic`.
-fn fill_dlq(brokers: &str, dlq_topic: &str, source_topic: &str, count: u64) -> anyhow::Result<()> {
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+fn fill_dlq(
+    brokers: &Brokers,
+    dlq_topic: &str,
+    source_topic: &str,
+    count: u64,
+) -> anyhow::Result<()> {
+    let producer: BaseProducer = brokers
+        .client_config()
         .set("linger.ms", "50")
         .set("batch.size", "1000000")
         .set("queue.buffering.max.messages", "500000")

@@ -32,10 +32,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use stream_actors::kafka::Brokers;
 
 use metrics::{Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder};
 use metrics::{SharedString, Unit};
@@ -142,15 +142,15 @@ fn now_ms() -> i64 {
 /// next `expected` records, receive time minus Kafka timestamp, in seconds.
 /// Says `ready` once assigned.
 fn raw_latencies(
-    brokers: &str,
+    brokers: &Brokers,
     topic: &str,
     expected: u64,
     deadline: Duration,
     ready: tokio::sync::oneshot::Sender<()>,
 ) -> anyhow::Result<Vec<f64>> {
     let ends = stream_bins::inspect::end_offsets(brokers, topic)?;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: BaseConsumer = brokers
+        .client_config()
         .set("group.id", format!("{topic}_latency_noop"))
         .set("enable.auto.commit", "false")
         .create()?;

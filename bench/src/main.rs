@@ -135,7 +135,12 @@ fn workspace_root() -> PathBuf {
 /// Fails early, naming the service, when one is not listening.
 fn preflight() -> anyhow::Result<()> {
     let brokers = scratch::brokers();
-    let kafka = brokers.split(',').next().unwrap_or_default().to_string();
+    let kafka = brokers
+        .servers
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let postgres_config: tokio_postgres::Config = scratch::postgres_admin_url().parse()?;
     let postgres = match (
         postgres_config.get_hosts().first(),

@@ -224,9 +224,8 @@ async fn drain(
                 max_mailbox_depth = max_mailbox_depth.max(value);
             }
         }
-        let ends =
-            stream_bins::inspect::end_offsets_async(&connections.brokers, &connections.topic)
-                .await?;
+        let ends = stream_bins::inspect::end_offsets_async(&env.config.brokers, &connections.topic)
+            .await?;
         let checkpoint = stream_bins::inspect::checkpoint_offsets(
             &connections.postgres_url,
             &connections.group,

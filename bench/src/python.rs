@@ -107,7 +107,7 @@ pub async fn run_consumer(
     let mut command = Command::new(python);
     command
         .arg(script)
-        .args(["--brokers", &scratch::brokers()])
+        .args(["--brokers", &scratch::brokers().servers])
         .args(["--topic", topic])
         .args(["--group", &format!("{database}_group")])
         .args(["--postgres-url", &url])

@@ -90,7 +90,7 @@ async fn last_checkpoint_at(env: &TestEnv) -> f64 {
 pub(crate) async fn lag(env: &TestEnv) -> i64 {
     let connections = env.connections();
     let Ok(ends) =
-        stream_bins::inspect::end_offsets_async(&connections.brokers, &connections.topic).await
+        stream_bins::inspect::end_offsets_async(&env.config.brokers, &connections.topic).await
     else {
         return i64::MAX;
     };

@@ -13,9 +13,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
+use stream_actors::kafka::Brokers;
 use stream_bins::scratch::TestEnv;
 
 use crate::python::{self, Bounds, PythonRun};
@@ -99,9 +99,9 @@ async fn first_checkpoint(
 }
 
 /// Reads every record of `topic` with a consumer that does nothing else.
-fn raw_consume(brokers: &str, topic: &str, expected: u64) -> anyhow::Result<(u64, f64)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+fn raw_consume(brokers: &Brokers, topic: &str, expected: u64) -> anyhow::Result<(u64, f64)> {
+    let consumer: BaseConsumer = brokers
+        .client_config()
         .set("group.id", format!("{topic}_raw_noop"))
         .set("enable.auto.commit", "false")
         .create()?;

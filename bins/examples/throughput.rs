@@ -9,7 +9,6 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use stream_bins::scratch::TestEnv;
@@ -54,8 +53,10 @@ async fn main() -> anyhow::Result<()> {
         report.render()
     );
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &env.config.brokers)
+    let consumer: BaseConsumer = env
+        .config
+        .brokers
+        .client_config()
         .set("group.id", "throughput-noop")
         .set("enable.auto.commit", "false")
         .create()?;

@@ -131,7 +131,7 @@ async fn postgres_positions(postgres_url: &str) -> anyhow::Result<Positions> {
 }
 
 async fn clickhouse_positions(connections: &ConnectionArgs) -> anyhow::Result<Positions> {
-    let client = ClickHouseEvents::client(&connections.pipeline_config());
+    let client = ClickHouseEvents::client(&connections.pipeline_config()?);
     let engines: Vec<String> = client
         .query("SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = 'events'")
         .fetch_all()
@@ -184,7 +184,7 @@ fn dead_letter_positions(connections: &ConnectionArgs) -> anyhow::Result<Positio
 
 /// Reads the topic, the stores and the dead-letter topic, and reconciles them.
 pub async fn audit(connections: &ConnectionArgs) -> anyhow::Result<Audit> {
-    let (brokers, topic) = (connections.brokers.clone(), connections.topic.clone());
+    let (brokers, topic) = (connections.kafka()?, connections.topic.clone());
     let records =
         tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, Duration::from_secs(600)))
             .await??;

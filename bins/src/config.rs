@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
+use stream_actors::kafka::{Brokers, KafkaSecurityArgs, SettingError};
 use stream_actors::PipelineConfig;
 
 /// A setting that cannot work, named as the user wrote it.
@@ -20,6 +21,16 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+impl From<SettingError> for ConfigError {
+    fn from(error: SettingError) -> ConfigError {
+        ConfigError {
+            flag: error.flag,
+            env: error.env,
+            reason: error.reason,
+        }
+    }
+}
+
 /// The local PostgreSQL of `scripts/services.sh` (its demo password).
 pub(crate) const LOCAL_POSTGRES_URL: &str = "postgres://postgres:postgres@127.0.0.1:5432/pipeline";
 
@@ -29,6 +40,9 @@ pub struct ConnectionArgs {
     /// Kafka bootstrap servers, host:port[,host:port].
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
+    /// How to reach them: TLS and SASL.
+    #[command(flatten)]
+    pub kafka_security: KafkaSecurityArgs,
     /// Consumer group; also the key of the persisted checkpoint.
     #[arg(long, env = "KAFKA_GROUP", default_value = "processor")]
     pub group: String,
@@ -67,8 +81,7 @@ pub struct ConnectionArgs {
 impl ConnectionArgs {
     /// Checks the connection settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_brokers(&self.brokers)
-            .map_err(|reason| invalid("--brokers", "KAFKA_BROKERS", reason))?;
+        self.kafka()?;
         for (value, flag, env) in [
             (&self.group, "--group", "KAFKA_GROUP"),
             (&self.topic, "--topic", "KAFKA_TOPIC"),
@@ -112,10 +125,18 @@ impl ConnectionArgs {
         Ok(())
     }
 
+    /// The brokers and how to reach them: the security settings checked
+    /// (their files read) now.
+    pub fn kafka(&self) -> Result<Brokers, ConfigError> {
+        validate_brokers(&self.brokers)
+            .map_err(|reason| invalid("--brokers", "KAFKA_BROKERS", reason))?;
+        Ok(self.kafka_security.resolve(&self.brokers)?)
+    }
+
     /// A pipeline configuration with these connections and default tuning.
-    pub fn pipeline_config(&self) -> PipelineConfig {
-        PipelineConfig {
-            brokers: self.brokers.clone(),
+    pub fn pipeline_config(&self) -> Result<PipelineConfig, ConfigError> {
+        Ok(PipelineConfig {
+            brokers: self.kafka()?,
             group_id: self.group.clone(),
             topic: self.topic.clone(),
             dlq_topic: self.dlq_topic.clone(),
@@ -125,7 +146,7 @@ impl ConnectionArgs {
             clickhouse_user: self.clickhouse_user.clone(),
             clickhouse_password: self.clickhouse_password.clone(),
             ..PipelineConfig::local_defaults()
-        }
+        })
     }
 }
 
@@ -568,7 +589,7 @@ impl ProcessorConfig {
             max_in_flight_bytes: self.max_in_flight_bytes,
             max_poll_interval: Duration::from_millis(self.max_poll_interval_ms),
             group_instance_id,
-            ..self.connections.pipeline_config()
+            ..self.connections.pipeline_config()?
         };
         Ok((config, metrics_addr))
     }
@@ -639,7 +660,7 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_point_at_local_services() {
         let (config, metrics_addr) = parse(&[]).validate().expect("valid");
-        assert_eq!(config.brokers, "127.0.0.1:9092");
+        assert_eq!(config.brokers.servers, "127.0.0.1:9092");
         assert_eq!(config.topic, "events");
         assert_eq!(config.dlq_topic, "events.dlq");
         assert_eq!(metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));

@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -33,7 +32,7 @@ pub const REPLAY_OF_HEADER: &str = "dlq.replay.of";
 /// Reads the whole dead-letter topic named by `connections`.
 pub fn read_dead_letters(connections: &ConnectionArgs) -> anyhow::Result<Vec<ReadRecord>> {
     read_topic(
-        &connections.brokers,
+        &connections.kafka()?,
         &connections.dlq_topic,
         Duration::from_secs(120),
     )
@@ -274,8 +273,9 @@ pub async fn replay(
         return Ok(outcome);
     }
 
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &connections.brokers)
+    let producer: FutureProducer = connections
+        .kafka()?
+        .client_config()
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .create()

@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use rdkafka::{Offset, TopicPartitionList};
+use stream_actors::kafka::Brokers;
 use stream_actors::storage::{connect_postgres, ClickHouseEvents};
 use stream_actors::PipelineConfig;
 
@@ -18,8 +18,11 @@ pub use stream_actors::topic::{end_offsets, partitions, plain_consumer, read_top
 /// [`end_offsets`] on a blocking thread: it waits on the broker (one
 /// ListOffsets per partition), which inside async code would hold a runtime
 /// worker, and with it half of an in-process pipeline on two cores.
-pub async fn end_offsets_async(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let (brokers, topic) = (brokers.to_string(), topic.to_string());
+pub async fn end_offsets_async(
+    brokers: &Brokers,
+    topic: &str,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let (brokers, topic) = (brokers.clone(), topic.to_string());
     tokio::task::spawn_blocking(move || end_offsets(&brokers, &topic))
         .await
         .context("the end offsets task failed")?
@@ -27,12 +30,12 @@ pub async fn end_offsets_async(brokers: &str, topic: &str) -> anyhow::Result<BTr
 
 /// The consumer group's committed offsets in Kafka, per partition.
 pub fn kafka_committed_offsets(
-    brokers: &str,
+    brokers: &Brokers,
     group: &str,
     topic: &str,
 ) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: BaseConsumer = brokers
+        .client_config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()

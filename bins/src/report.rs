@@ -104,7 +104,7 @@ pub async fn wait_for_catch_up(
     let deadline = Instant::now() + wait;
     let mut last_print = Instant::now();
     loop {
-        let ends = inspect::end_offsets_async(&connections.brokers, &connections.topic).await?;
+        let ends = inspect::end_offsets_async(&connections.kafka()?, &connections.topic).await?;
         let checkpoint = inspect::checkpoint_offsets(
             &connections.postgres_url,
             &connections.group,
@@ -125,7 +125,7 @@ pub async fn wait_for_catch_up(
 
 /// Gathers the report.
 pub async fn gather(connections: &ConnectionArgs) -> anyhow::Result<Report> {
-    let ends = inspect::end_offsets_async(&connections.brokers, &connections.topic).await?;
+    let ends = inspect::end_offsets_async(&connections.kafka()?, &connections.topic).await?;
     let checkpoint = inspect::checkpoint_offsets(
         &connections.postgres_url,
         &connections.group,
@@ -133,7 +133,7 @@ pub async fn gather(connections: &ConnectionArgs) -> anyhow::Result<Report> {
     )
     .await?;
     let postgres = inspect::postgres_counts(&connections.postgres_url).await?;
-    let clickhouse = inspect::clickhouse_counts(&connections.pipeline_config()).await?;
+    let clickhouse = inspect::clickhouse_counts(&connections.pipeline_config()?).await?;
     let dead_letters = crate::dlq::read_dead_letters(connections)?;
     let mut dead_lettered_by_type = BTreeMap::new();
     let mut seen_sources = std::collections::HashSet::new();

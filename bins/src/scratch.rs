@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::ConnectionArgs;
+use stream_actors::kafka::{Brokers, KafkaSecurityArgs};
 use stream_actors::PipelineConfig;
 
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
@@ -16,9 +17,51 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
-/// Kafka brokers under test.
-pub fn brokers() -> String {
-    env_or("KAFKA_BROKERS", "127.0.0.1:9092")
+/// Kafka brokers under test: the plaintext loopback listener.
+pub fn brokers() -> Brokers {
+    Brokers::plaintext(env_or("KAFKA_BROKERS", "127.0.0.1:9092"))
+}
+
+/// The workspace's root, where `scripts/services.sh` keeps `.services/`.
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bins/ has a parent")
+        .to_path_buf()
+}
+
+/// The local broker's SASL_SSL listener (`KAFKA_SASL_SSL_BROKERS`, default
+/// 127.0.0.1:9094), as `user` (admin, processor or loadgen): TLS against the
+/// test CA of `scripts/services.sh`, SCRAM-SHA-512 with the password that
+/// script generated for the user (read from its file).
+pub fn secured_brokers(user: &str) -> Brokers {
+    let services = workspace_root().join(".services");
+    secured_brokers_with(
+        user,
+        services.join(format!("kafka/users/{user}.password")),
+        Some(services.join("tls/ca.pem")),
+    )
+}
+
+/// [`secured_brokers`] with another password file and CA (`None`: the
+/// system's trust store), for the tests of what is refused.
+pub fn secured_brokers_with(
+    user: &str,
+    password_file: std::path::PathBuf,
+    ca: Option<std::path::PathBuf>,
+) -> Brokers {
+    use stream_actors::kafka::{SaslMechanism, SecurityProtocol};
+    KafkaSecurityArgs {
+        protocol: SecurityProtocol::SaslSsl,
+        sasl_mechanism: Some(SaslMechanism::ScramSha512),
+        sasl_username: Some(user.to_string()),
+        sasl_password_file: Some(password_file),
+        ssl_ca_location: ca,
+        ssl_endpoint_identification: "https".to_string(),
+        ..KafkaSecurityArgs::default()
+    }
+    .resolve(&env_or("KAFKA_SASL_SSL_BROKERS", "127.0.0.1:9094"))
+    .expect("the SASL_SSL settings of scripts/services.sh (run `scripts/services.sh up`)")
 }
 
 /// A PostgreSQL URL for the server's maintenance database.
@@ -135,7 +178,7 @@ impl TestEnv {
     /// already exist on `brokers` (a mock cluster, say).
     pub async fn with_topics(
         name: String,
-        brokers: &str,
+        brokers: &Brokers,
         topic: String,
         dlq_topic: String,
     ) -> TestEnv {
@@ -150,7 +193,7 @@ impl TestEnv {
             .expect("create clickhouse database");
 
         let config = PipelineConfig {
-            brokers: brokers.to_string(),
+            brokers: brokers.clone(),
             group_id: format!("{name}_group"),
             topic,
             dlq_topic,
@@ -162,28 +205,33 @@ impl TestEnv {
         TestEnv { config }
     }
 
-    /// The processor's flags for this corner (brokers, group, topics, stores),
-    /// for measurements that run the binary.
+    /// The processor's flags for this corner (brokers and their security,
+    /// group, topics, stores), for measurements that run the binary. A SASL
+    /// password goes as its file (see [`KafkaSecurityArgs::of`]).
     pub fn processor_flags(&self) -> Vec<String> {
         let config = &self.config;
-        [
-            ("--brokers", &config.brokers),
-            ("--group", &config.group_id),
-            ("--topic", &config.topic),
-            ("--dlq-topic", &config.dlq_topic),
-            ("--postgres-url", &config.postgres_url),
-            ("--clickhouse-url", &config.clickhouse_url),
-            ("--clickhouse-database", &config.clickhouse_database),
-        ]
-        .into_iter()
-        .flat_map(|(flag, value)| [flag.to_string(), value.clone()])
-        .collect()
+        let (mut flags, _) = KafkaSecurityArgs::of(&config.brokers.security);
+        flags.extend(
+            [
+                ("--brokers", &config.brokers.servers),
+                ("--group", &config.group_id),
+                ("--topic", &config.topic),
+                ("--dlq-topic", &config.dlq_topic),
+                ("--postgres-url", &config.postgres_url),
+                ("--clickhouse-url", &config.clickhouse_url),
+                ("--clickhouse-database", &config.clickhouse_database),
+            ]
+            .into_iter()
+            .flat_map(|(flag, value)| [flag.to_string(), value.clone()]),
+        );
+        flags
     }
 
     /// The same corner as connection flags, for the report and `streamctl`.
     pub fn connections(&self) -> ConnectionArgs {
         ConnectionArgs {
-            brokers: self.config.brokers.clone(),
+            brokers: self.config.brokers.servers.clone(),
+            kafka_security: KafkaSecurityArgs::from_security(&self.config.brokers.security),
             group: self.config.group_id.clone(),
             topic: self.config.topic.clone(),
             dlq_topic: self.config.dlq_topic.clone(),
@@ -242,7 +290,7 @@ impl TestEnv {
             // "not yet"; the deadline bounds the wait.
             async move {
                 let Ok(ends) =
-                    crate::inspect::end_offsets_async(&connections.brokers, &connections.topic)
+                    crate::inspect::end_offsets_async(&self.config.brokers, &connections.topic)
                         .await
                 else {
                     return false;
@@ -336,4 +384,40 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .map(|address| address.port())
         .expect("free port")
+}
+
+/// Runs a binary to its end (stdout and stderr captured) with `environment`
+/// on top of this process's (no `KAFKA_BROKERS`; `RUST_LOG=error` unless
+/// given); kills it and fails if it runs past `deadline`.
+pub fn run_binary<S: AsRef<std::ffi::OsStr>>(
+    binary: &str,
+    arguments: &[S],
+    environment: &[(&str, &str)],
+    deadline: Duration,
+) -> std::process::Output {
+    let mut child = std::process::Command::new(binary)
+        .args(arguments)
+        .env_remove("KAFKA_BROKERS")
+        .env("RUST_LOG", "error")
+        .envs(environment.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn binary");
+    let started = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if started.elapsed() > deadline {
+            child.kill().ok();
+            let output = child.wait_with_output().expect("output");
+            let shown: Vec<_> = arguments.iter().map(|argument| argument.as_ref()).collect();
+            panic!(
+                "{binary} {shown:?} still running after {deadline:?}; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

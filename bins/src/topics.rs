@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
+
+use stream_actors::kafka::{Brokers, KafkaSecurityArgs};
 
 use crate::config::{in_range, invalid, valid_kafka_name, validate_brokers, ConfigError};
 
@@ -21,6 +22,9 @@ pub struct EnsureArgs {
     /// Kafka bootstrap servers, host:port[,host:port].
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
+    /// How to reach them: TLS and SASL.
+    #[command(flatten)]
+    pub kafka_security: KafkaSecurityArgs,
     /// Source topic.
     #[arg(long, env = "KAFKA_TOPIC", default_value = "events")]
     pub topic: String,
@@ -46,10 +50,16 @@ pub struct EnsureArgs {
 }
 
 impl EnsureArgs {
-    /// Checks every value; the topics to ensure.
-    pub fn validate(&self) -> Result<Vec<TopicSpec>, ConfigError> {
+    /// The brokers and how to reach them (security files read now).
+    pub fn kafka(&self) -> Result<Brokers, ConfigError> {
         validate_brokers(&self.brokers)
             .map_err(|reason| invalid("--brokers", "KAFKA_BROKERS", reason))?;
+        Ok(self.kafka_security.resolve(&self.brokers)?)
+    }
+
+    /// Checks every value; the topics to ensure.
+    pub fn validate(&self) -> Result<Vec<TopicSpec>, ConfigError> {
+        self.kafka()?;
         for (name, flag, env) in [
             (&self.topic, "--topic", "KAFKA_TOPIC"),
             (&self.dlq_topic, "--dlq-topic", "KAFKA_DLQ_TOPIC"),
@@ -125,9 +135,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a wait asks the broker again.
 const POLL_EVERY: Duration = Duration::from_millis(250);
 
-fn admin_client(brokers: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+fn admin_client(brokers: &Brokers) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+    brokers
+        .client_config()
         .create()
         .with_context(|| format!("cannot create a Kafka admin client for {brokers}"))
 }
@@ -187,16 +197,23 @@ async fn wait_for_metadata(
 /// (up to `wait`) for the broker to answer, then for every partition to have
 /// a leader. A topic that exists is left as it is, whatever its partitions.
 pub async fn ensure(
-    brokers: &str,
+    brokers: &Brokers,
     topics: &[TopicSpec],
     replication: i32,
     recreate: bool,
     wait: Duration,
 ) -> anyhow::Result<Vec<(TopicSpec, Outcome)>> {
     let deadline = Instant::now() + wait;
+    // A refused password or an untrusted certificate is one clear error
+    // now, not a timeout after `wait`.
+    let probe_brokers = brokers.clone();
+    tokio::task::spawn_blocking(move || {
+        stream_actors::kafka::check_access(&probe_brokers, &[], wait)
+    })
+    .await??;
     let admin = admin_client(brokers)?;
-    let metadata_client: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let metadata_client: BaseConsumer = brokers
+        .client_config()
         .create()
         .with_context(|| format!("cannot create a Kafka client for {brokers}"))?;
     let metadata_client = Arc::new(metadata_client);

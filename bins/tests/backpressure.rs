@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use common::{assert_clean, audit, within, Frozen, ProcessorProcess, TestEnv};
 use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -36,8 +35,10 @@ fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
 
 /// Lets `topic` take records of up to `bytes`.
 async fn allow_records_of(env: &TestEnv, topic: &str, bytes: usize) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &env.config.brokers)
+    let admin: AdminClient<DefaultClientContext> = env
+        .config
+        .brokers
+        .client_config()
         .create()
         .expect("admin client");
     let size = bytes.to_string();
@@ -81,8 +82,10 @@ async fn a_stream_of_5_mb_records_drains_within_the_byte_budget() {
     let env = TestEnv::new("bigrecords", 3).await;
     allow_records_of(&env, &env.config.topic, 8 * 1024 * 1024).await;
     let before = env.produce(2_000, 0.0, 61).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &env.config.brokers)
+    let producer: FutureProducer = env
+        .config
+        .brokers
+        .client_config()
         .set("message.max.bytes", "8388608")
         .create()
         .expect("producer");

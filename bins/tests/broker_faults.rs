@@ -13,6 +13,7 @@ use common::*;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use stream_actors::kafka::Brokers;
 use stream_supervisor::{start_pipeline, PipelineExit};
 
 const BROKERS: i32 = 3;
@@ -26,7 +27,13 @@ async fn mock_env(prefix: &str) -> (MockCluster<'static, DefaultProducerContext>
     let dlq_topic = format!("{name}_events_dlq");
     mock.create_topic(&topic, 3, 1).expect("source topic");
     mock.create_topic(&dlq_topic, 3, 1).expect("dlq topic");
-    let env = TestEnv::with_topics(name, &mock.bootstrap_servers(), topic, dlq_topic).await;
+    let env = TestEnv::with_topics(
+        name,
+        &Brokers::plaintext(mock.bootstrap_servers()),
+        topic,
+        dlq_topic,
+    )
+    .await;
     (mock, env)
 }
 

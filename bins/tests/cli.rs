@@ -2,7 +2,7 @@
 //! a clear one-line error naming the setting or the service, never a panic.
 
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Runs a binary with a deadline; kills it if it runs too long.
 fn run_with_deadline(binary: &str, arguments: &[&str], deadline: Duration) -> Output {
@@ -16,30 +16,7 @@ fn run_with_env(
     environment: &[(&str, &str)],
     deadline: Duration,
 ) -> Output {
-    let mut child = Command::new(binary)
-        .args(arguments)
-        .env_remove("KAFKA_BROKERS")
-        .env("RUST_LOG", "error")
-        .envs(environment.iter().copied())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn binary");
-    let started = Instant::now();
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if started.elapsed() > deadline {
-            child.kill().ok();
-            let output = child.wait_with_output().expect("output");
-            panic!(
-                "{binary} {arguments:?} still running after {deadline:?}; stderr: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stream_bins::scratch::run_binary(binary, arguments, environment, deadline)
 }
 
 fn stderr_of(output: &Output) -> String {
@@ -159,10 +136,12 @@ fn help_prints_no_secret_from_the_environment_or_the_defaults() {
         ),
         ("CLICKHOUSE_PASSWORD", "ch-secret-2"),
         ("AWS_SECRET_ACCESS_KEY", "aws-secret-3"),
+        ("KAFKA_SASL_PASSWORD", "kafka-secret-4"),
     ];
     let sqs_consumer = env!("CARGO_BIN_EXE_sqs-consumer");
-    let commands: [(&str, &[&str]); 5] = [
+    let commands: [(&str, &[&str]); 6] = [
         (PROCESSOR, &["--help"]),
+        (STREAMCTL, &["topics", "ensure", "--help"]),
         (STREAMCTL, &["report", "--help"]),
         (STREAMCTL, &["audit", "--help"]),
         (STREAMCTL, &["sqs", "setup", "--help"]),
@@ -176,6 +155,7 @@ fn help_prints_no_secret_from_the_environment_or_the_defaults() {
             "pg-secret-1",
             "ch-secret-2",
             "aws-secret-3",
+            "kafka-secret-4",
             "postgres:postgres@",
         ] {
             assert!(
@@ -187,6 +167,8 @@ fn help_prints_no_secret_from_the_environment_or_the_defaults() {
     let help = run_with_deadline(PROCESSOR, &["--help"], Duration::from_secs(20));
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("--admin-token-file"), "{help}");
+    assert!(help.contains("--kafka-sasl-password-file"), "{help}");
+    assert!(help.contains("--kafka-ssl-ca-location"), "{help}");
     assert!(
         help.contains("postgres://postgres:***@127.0.0.1:5432"),
         "{help}"
@@ -323,7 +305,7 @@ fn streamctl_topics_ensure_creates_leaves_alone_and_recreates_through_the_admin_
             "topic {topic}: created (3 partitions)\ntopic {dlq_topic}: created (2 partitions)\n"
         )
     );
-    let brokers = "127.0.0.1:9092";
+    let brokers = &stream_bins::scratch::brokers();
     assert_eq!(
         stream_bins::inspect::partitions(brokers, &topic).unwrap(),
         [0, 1, 2]
@@ -333,10 +315,7 @@ fn streamctl_topics_ensure_creates_leaves_alone_and_recreates_through_the_admin_
         format!("topic {topic}: exists (3 partitions)\ntopic {dlq_topic}: exists (2 partitions)\n")
     );
     // A record in the topic, then --recreate: the topic is empty again.
-    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
+    let producer: rdkafka::producer::BaseProducer = brokers.client_config().create().unwrap();
     producer
         .send(rdkafka::producer::BaseRecord::<(), str>::to(&topic).payload("x"))
         .unwrap();

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::TestEnv;
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use sha2::{Digest, Sha256};
@@ -271,8 +270,10 @@ fn hostile_records() -> Vec<Hostile> {
 }
 
 async fn produce_raw(env: &TestEnv, records: &[Hostile]) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &env.config.brokers)
+    let producer: FutureProducer = env
+        .config
+        .brokers
+        .client_config()
         .set("message.max.bytes", "2000000")
         .create()
         .expect("producer");

@@ -50,7 +50,7 @@ async fn the_recorded_sli_matches_the_sinks_and_the_dlq() {
         Command::new(env!("CARGO_BIN_EXE_processor"))
             .args([
                 "--brokers",
-                &env.config.brokers,
+                &env.config.brokers.servers,
                 "--group",
                 &env.config.group_id,
                 "--topic",

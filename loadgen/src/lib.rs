@@ -13,15 +13,15 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use stream_actors::kafka::Brokers;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 pub mod sqs;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Serialize;
 
 /// Metric: records the broker confirmed, by kind (`valid` or a poison kind).
@@ -78,8 +78,8 @@ impl PoisonKind {
 /// What to send.
 #[derive(Debug, Clone)]
 pub struct LoadgenConfig {
-    /// Kafka bootstrap servers.
-    pub brokers: String,
+    /// The Kafka brokers and how to reach them.
+    pub brokers: Brokers,
     /// Target topic.
     pub topic: String,
     /// Records to send in total.
@@ -138,7 +138,7 @@ impl LoadgenConfig {
         if self.topic.trim().is_empty() {
             return Err(invalid("--topic", "must not be empty".to_string()));
         }
-        if self.brokers.trim().is_empty() {
+        if self.brokers.servers.trim().is_empty() {
             return Err(invalid("--brokers", "must not be empty".to_string()));
         }
         Ok(())
@@ -416,9 +416,9 @@ impl Actor for ProducerSupervisor {
 }
 
 /// Creates the idempotent producer.
-pub fn create_producer(brokers: &str) -> Result<FutureProducer, LoadgenError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+pub fn create_producer(brokers: &Brokers) -> Result<FutureProducer, LoadgenError> {
+    brokers
+        .client_config()
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "10")
@@ -434,23 +434,16 @@ pub fn create_producer(brokers: &str) -> Result<FutureProducer, LoadgenError> {
 /// Sends everything and returns the ledger. Fails if any record was not delivered.
 pub async fn run(config: &LoadgenConfig) -> Result<Ledger, LoadgenError> {
     config.validate()?;
+    // Fail fast, with one clear message, when the broker cannot be reached
+    // or refuses us, or the topic is not there.
+    let (brokers, topic) = (config.brokers.clone(), config.topic.clone());
+    tokio::task::spawn_blocking(move || {
+        stream_actors::kafka::check_access(&brokers, &[&topic], stream_actors::kafka::PROBE_TIMEOUT)
+    })
+    .await
+    .map_err(|error| LoadgenError::Kafka(format!("start-up probe failed: {error}")))?
+    .map_err(|error| LoadgenError::Kafka(error.to_string()))?;
     let producer = create_producer(&config.brokers)?;
-    // Fail fast, with a clear message, when the broker or the topic is not there.
-    let metadata = producer
-        .client()
-        .fetch_metadata(Some(&config.topic), Duration::from_secs(10))
-        .map_err(|error| {
-            LoadgenError::Kafka(format!("cannot reach broker {}: {error}", config.brokers))
-        })?;
-    let topic_known = metadata.topics().iter().any(|topic| {
-        topic.name() == config.topic && topic.error().is_none() && !topic.partitions().is_empty()
-    });
-    if !topic_known {
-        return Err(LoadgenError::Kafka(format!(
-            "topic {} does not exist on {} (create it first; the broker does not auto-create topics)",
-            config.topic, config.brokers
-        )));
-    }
 
     let delivered = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -642,7 +635,7 @@ mod tests {
     #[test]
     fn bad_settings_name_the_flag() {
         let config = LoadgenConfig {
-            brokers: "127.0.0.1:9092".into(),
+            brokers: Brokers::plaintext("127.0.0.1:9092"),
             topic: "events".into(),
             count: 10,
             rate: 0,

@@ -20,6 +20,9 @@ struct Flags {
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
+    /// How to reach them: TLS and SASL.
+    #[command(flatten)]
+    kafka_security: stream_actors::kafka::KafkaSecurityArgs,
     /// Target topic (must exist).
     #[arg(long, env = "KAFKA_TOPIC", default_value = "events")]
     topic: String,
@@ -152,8 +155,15 @@ async fn main() {
     if let Some(command) = flags.command {
         std::process::exit(run_sqs(command).await);
     }
+    let brokers = match flags.kafka_security.resolve(&flags.brokers) {
+        Ok(brokers) => brokers,
+        Err(setting_error) => {
+            eprintln!("error: {setting_error}");
+            std::process::exit(2);
+        }
+    };
     let config = LoadgenConfig {
-        brokers: flags.brokers,
+        brokers,
         topic: flags.topic,
         count: flags.count,
         rate: flags.rate,

@@ -40,7 +40,7 @@ use rdkafka::producer::{FutureProducer, Producer};
 use stream_actors::budget::ByteBudget;
 use stream_actors::committer::{CommitterActor, CommitterArgs, CommitterMsg, CommitterStatus};
 use stream_actors::consumer::{
-    check_topics, create_consumer, CheckpointingContext, ConsumerActor, ConsumerArgs, ConsumerMsg,
+    create_consumer, CheckpointingContext, ConsumerActor, ConsumerArgs, ConsumerMsg,
 };
 use stream_actors::dlq_writer::{create_dlq_producer, DlqWriterActor, DlqWriterArgs};
 use stream_actors::faults::{Faults, Injected};
@@ -516,7 +516,17 @@ impl Actor for PipelineSupervisor {
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         let config = args.config;
-        check_topics(&config.brokers, &[&config.topic, &config.dlq_topic])?;
+        stream_actors::kafka::check_access(
+            &config.brokers,
+            &[&config.topic, &config.dlq_topic],
+            stream_actors::kafka::PROBE_TIMEOUT,
+        )?;
+        stream_actors::kafka::check_group(
+            &config.brokers,
+            &config.group_id,
+            &config.topic,
+            stream_actors::kafka::PROBE_TIMEOUT,
+        )?;
         let store =
             Arc::new(CheckpointStore::connect(&config.postgres_url, config.service_timeout).await?);
         let dlq_index = Arc::new(

@@ -37,9 +37,8 @@ use crate::storage::CheckpointStore;
 /// The consumer client's librdkafka settings. Auto-commit and auto offset
 /// store are off: only the committer commits.
 pub fn consumer_settings(config: &PipelineConfig) -> ClientConfig {
-    let mut client_config = ClientConfig::new();
+    let mut client_config = config.brokers.client_config();
     client_config
-        .set("bootstrap.servers", &config.brokers)
         .set("group.id", &config.group_id)
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.auto.commit", "false")
@@ -217,33 +216,6 @@ pub fn rewind_to_checkpoint(
         debug!(attempt, ?failed, "librdkafka refused a seek; retrying");
         std::thread::sleep(SEEK_RETRY_WAIT);
     }
-}
-
-/// Checks, before anything starts, that the broker answers and the topics
-/// exist (the broker may not auto-create them), so that a wrong address or
-/// a missing topic is a clear error at start rather than a silent wait.
-pub fn check_topics(brokers: &str, topics: &[&str]) -> Result<(), PipelineError> {
-    let probe: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .map_err(PipelineError::kafka("create metadata client"))?;
-    for topic in topics {
-        let metadata = probe
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .map_err(PipelineError::kafka(format!(
-                "cannot reach broker {brokers}"
-            )))?;
-        let present = metadata.topics().iter().any(|found| {
-            found.name() == *topic && found.error().is_none() && !found.partitions().is_empty()
-        });
-        if !present {
-            return Err(PipelineError::Config {
-                setting: "--topic/--dlq-topic",
-                reason: format!("topic {topic} does not exist on {brokers}; create it first (streamctl topics ensure)"),
-            });
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@
 pub mod client;
 pub mod rebalance;
 
-pub use client::{check_topics, create_consumer, rewind_to_checkpoint};
+pub use client::{create_consumer, rewind_to_checkpoint};
 pub use rebalance::{CheckpointingContext, RebalanceNotice};
 
 use std::collections::HashSet;

@@ -495,8 +495,9 @@ async fn sqs(command: SqsCommand) -> anyhow::Result<i32> {
 async fn topics(command: TopicsCommand) -> anyhow::Result<i32> {
     let TopicsCommand::Ensure(arguments) = command;
     let specs = config_or_exit(arguments.validate());
+    let brokers = config_or_exit(arguments.kafka());
     let outcomes = stream_bins::topics::ensure(
-        &arguments.brokers,
+        &brokers,
         &specs,
         arguments.replication_factor,
         arguments.recreate,

@@ -53,7 +53,7 @@ impl ProcessorProcess {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "info,rdkafka=warn")
-            .env("KAFKA_BROKERS", &config.brokers)
+            .env("KAFKA_BROKERS", &config.brokers.servers)
             .env("KAFKA_GROUP", &config.group_id)
             .env("KAFKA_TOPIC", &config.topic)
             .env("KAFKA_DLQ_TOPIC", &config.dlq_topic)
@@ -68,6 +68,9 @@ impl ProcessorProcess {
         if !with_token {
             command.env_remove("ADMIN_TOKEN_FILE");
         }
+        let (security_flags, security_environment) =
+            stream_actors::kafka::KafkaSecurityArgs::of(&config.brokers.security);
+        command.args(security_flags).envs(security_environment);
         for (name, value) in extra {
             command.env(name, value);
         }
