@@ -20,7 +20,9 @@
 #                newline, mode 0600) is in .services/kafka/users/<user>.password.
 #                A client: security.protocol=SASL_SSL, sasl.mechanism(s)=SCRAM-SHA-512,
 #                the CA .services/tls/ca.pem as its trust store.
-#   postgres   Debian PostgreSQL cluster, database $PG_DB, user postgres/$PG_PASSWORD
+#   postgres   Debian PostgreSQL cluster, database $PG_DB, user postgres/$PG_PASSWORD,
+#              TLS on with the server certificate below (clients:
+#              ?sslmode=verify-full&sslrootcert=.services/tls/ca.pem)
 #   clickhouse Debian clickhouse-server, database $CH_DB
 #   sqs        moto server (in a venv under .services/)
 #
@@ -678,9 +680,23 @@ pg_up() {
         as_root pg_conftool "$PG_VERSION" "$PG_CLUSTER" set port "$PG_PORT"
         changed=1
     fi
+    # TLS with the test CA's server certificate (.services/tls): copies the
+    # postgres user owns (the server refuses a key others can read).
+    local conf_dir="/etc/postgresql/$PG_VERSION/$PG_CLUSTER" f
+    for f in server.pem server.key; do
+        if ! as_root cmp -s "$TLS_DIR/$f" "$conf_dir/services-sh-$f"; then
+            as_root install -o postgres -g postgres -m 0600 "$TLS_DIR/$f" "$conf_dir/services-sh-$f"
+            changed=1
+        fi
+    done
     # (pg_conftool does not quote 127.0.0.1, so use a conf.d drop-in.)
-    local dropin="/etc/postgresql/$PG_VERSION/$PG_CLUSTER/conf.d/90-services-sh.conf"
-    local want="listen_addresses = '$HOST'  # written by scripts/services.sh"
+    local dropin="$conf_dir/conf.d/90-services-sh.conf"
+    local want
+    want="$(printf '%s\n' "# written by scripts/services.sh" \
+        "listen_addresses = '$HOST'" \
+        "ssl = on" \
+        "ssl_cert_file = '$conf_dir/services-sh-server.pem'" \
+        "ssl_key_file = '$conf_dir/services-sh-server.key'")"
     if [[ "$(cat "$dropin" 2>/dev/null || true)" != "$want" ]]; then
         as_root mkdir -p "$(dirname "$dropin")"
         echo "$want" | as_root tee "$dropin" >/dev/null
@@ -884,7 +900,10 @@ cmd_start() {
             kafka_start
             kafka_auth_ensure
             ;;
-        postgres) pg_up ;;
+        postgres)
+            tls_ensure
+            pg_up
+            ;;
         clickhouse) ch_up ;;
         sqs) sqs_up ;;
         *)

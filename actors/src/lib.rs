@@ -19,6 +19,7 @@
 //! - [`faults`]: injected panics, hangs and crash points for the recovery tests and demo.
 //! - [`progress`]: what each actor tells the watchdog (busy, progress).
 //! - [`kafka`]: the brokers and how every client reaches them (TLS, SASL), and the start-up probe.
+//! - [`postgres_tls`]: PostgreSQL URLs with libpq's `sslmode`/`sslrootcert`, verified with OpenSSL.
 //! - [`topic`]: reading a topic back (true end offsets, every record).
 //! - [`config`], [`error`], [`metrics`]: configuration, the error type, metric names.
 
@@ -37,6 +38,7 @@ pub mod models;
 pub mod order;
 pub mod parse;
 pub mod parser;
+pub mod postgres_tls;
 pub mod progress;
 pub mod sink;
 pub mod sqs;

@@ -13,8 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio_postgres::{Client, NoTls};
-use tracing::warn;
+use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::config::PipelineConfig;
@@ -40,15 +39,37 @@ pub async fn connect_postgres(url: &str) -> Result<Client, PipelineError> {
 
 /// Connects (unbounded: callers bound it) and drives the connection on the runtime.
 async fn open_postgres(url: &str, what: &str) -> Result<Client, PipelineError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(PipelineError::postgres(what))?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            warn!(%error, "postgres connection closed");
+    let target = crate::postgres_tls::PostgresTarget::parse(url).map_err(|reason| {
+        PipelineError::Config {
+            setting: "--postgres-url (POSTGRES_URL)",
+            reason,
         }
-    });
-    Ok(client)
+    })?;
+    target.connect().await.map_err(|error| {
+        // A certificate that does not verify is a setting to fix, not an
+        // outage: say which.
+        let mut text = error.to_string();
+        let mut cause = std::error::Error::source(&error);
+        while let Some(inner) = cause {
+            text = format!("{text}: {inner}");
+            cause = inner.source();
+        }
+        if text.contains("certificate verify failed") {
+            PipelineError::Config {
+                setting: "--postgres-url (POSTGRES_URL): sslrootcert, sslmode",
+                reason: format!(
+                    "{what}: the server's TLS certificate does not verify against {}: {text}",
+                    target
+                        .root_cert
+                        .as_ref()
+                        .map(|file| file.display().to_string())
+                        .unwrap_or_else(|| "the system's trust store".to_string())
+                ),
+            }
+        } else {
+            PipelineError::postgres(what)(error)
+        }
+    })
 }
 
 /// A connection for the pipeline's own statements: connecting and every

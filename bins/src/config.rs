@@ -2,7 +2,6 @@
 //! at start. Defaults point at the local services of `scripts/services.sh`.
 
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -103,13 +102,7 @@ impl ConnectionArgs {
                 format!("must differ from --topic ({})", self.topic),
             ));
         }
-        tokio_postgres::Config::from_str(&self.postgres_url).map_err(|error| {
-            invalid(
-                "--postgres-url",
-                "POSTGRES_URL",
-                format!("not a PostgreSQL URL: {error}"),
-            )
-        })?;
+        validate_postgres_url(&self.postgres_url)?;
         if !(self.clickhouse_url.starts_with("http://")
             || self.clickhouse_url.starts_with("https://"))
         {
@@ -264,13 +257,7 @@ impl SqsConsumerConfig {
         ConfigError,
     > {
         let settings = self.sqs.validate()?;
-        tokio_postgres::Config::from_str(&self.postgres_url).map_err(|error| {
-            invalid(
-                "--postgres-url",
-                "POSTGRES_URL",
-                format!("not a PostgreSQL URL: {error}"),
-            )
-        })?;
+        validate_postgres_url(&self.postgres_url)?;
         in_range(
             self.concurrency,
             1..=100,
@@ -602,6 +589,14 @@ pub fn valid_kafka_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Checks a PostgreSQL URL, its TLS settings (`sslmode`, `sslrootcert`)
+/// included: a setting this build cannot honour fails here, at start.
+pub fn validate_postgres_url(url: &str) -> Result<(), ConfigError> {
+    stream_actors::postgres_tls::PostgresTarget::parse(url)
+        .map(|_| ())
+        .map_err(|reason| invalid("--postgres-url", "POSTGRES_URL", reason))
 }
 
 /// Checks `host:port[,host:port]`.

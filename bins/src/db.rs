@@ -36,15 +36,7 @@ impl MigrateArgs {
     /// Checks the URL and the role name (lower-case letters, digits and `_`,
     /// as PostgreSQL folds an unquoted name).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        <tokio_postgres::Config as std::str::FromStr>::from_str(&self.postgres_url).map_err(
-            |error| {
-                invalid(
-                    "--postgres-url",
-                    "POSTGRES_URL",
-                    format!("not a PostgreSQL URL: {error}"),
-                )
-            },
-        )?;
+        crate::config::validate_postgres_url(&self.postgres_url)?;
         if let Some(role) = &self.grant_to {
             let valid = role.len() <= 63
                 && role.starts_with(|first: char| first.is_ascii_lowercase() || first == '_')
