@@ -23,7 +23,9 @@
 #   postgres   Debian PostgreSQL cluster, database $PG_DB, user postgres/$PG_PASSWORD,
 #              TLS on with the server certificate below (clients:
 #              ?sslmode=verify-full&sslrootcert=.services/tls/ca.pem)
-#   clickhouse Debian clickhouse-server, database $CH_DB
+#   clickhouse Debian clickhouse-server, database $CH_DB, HTTP on
+#              $CLICKHOUSE_HTTP_PORT and HTTPS on $CLICKHOUSE_HTTPS_PORT with the server
+#              certificate below (clients: --clickhouse-ca-file .services/tls/ca.pem)
 #   sqs        moto server (in a venv under .services/)
 #
 # Test TLS material, for every service (Kafka's SASL_SSL listener now): made
@@ -65,6 +67,7 @@ KAFKA_VERSION="${KAFKA_VERSION:-4.4.0}"
 KAFKA_HEAP="${KAFKA_HEAP:-512m}"
 PG_PORT="${PG_PORT:-5432}"
 CLICKHOUSE_HTTP_PORT="${CLICKHOUSE_HTTP_PORT:-8123}"
+CLICKHOUSE_HTTPS_PORT="${CLICKHOUSE_HTTPS_PORT:-8443}"
 CLICKHOUSE_TCP_PORT="${CLICKHOUSE_TCP_PORT:-9000}"
 CLICKHOUSE_INTERSERVER_PORT="${CLICKHOUSE_INTERSERVER_PORT:-9009}"
 SQS_PORT="${SQS_PORT:-4566}"
@@ -765,7 +768,7 @@ ch_healthy() {
 
 ch_up() {
     local pid p
-    local me="--http_port=$CLICKHOUSE_HTTP_PORT --tcp_port=$CLICKHOUSE_TCP_PORT --interserver_http_port=$CLICKHOUSE_INTERSERVER_PORT "
+    local me="--http_port=$CLICKHOUSE_HTTP_PORT --https_port=$CLICKHOUSE_HTTPS_PORT --tcp_port=$CLICKHOUSE_TCP_PORT --interserver_http_port=$CLICKHOUSE_INTERSERVER_PORT "
     stop_if_reconfigured clickhouse "$CH_PID" clickhouse-server "$me"
     if pid="$(pid_of "$CH_PID" "$me")"; then
         wait_healthy clickhouse 90 ch_healthy "$CH_PID" "$me" "$CH_LOG" "$CH_ERRLOG"
@@ -775,8 +778,8 @@ ch_up() {
         log "clickhouse: a server not started by this script is already on $HOST:$CLICKHOUSE_HTTP_PORT, using it"
     else
         rm -f "$CH_PID"
-        for p in "$CLICKHOUSE_TCP_PORT" "$CLICKHOUSE_INTERSERVER_PORT"; do
-            port_open "$p" && die "clickhouse: port $HOST:$p (native/interserver) is already taken"
+        for p in "$CLICKHOUSE_HTTPS_PORT" "$CLICKHOUSE_TCP_PORT" "$CLICKHOUSE_INTERSERVER_PORT"; do
+            port_open "$p" && die "clickhouse: port $HOST:$p (https/native/interserver) is already taken"
         done
         mkdir -p "$CH_DATA"
         log "clickhouse: starting..."
@@ -790,8 +793,12 @@ ch_up() {
             --format_schema_path="$CH_DATA/format_schemas/" \
             --listen_host="$HOST" \
             --http_port="$CLICKHOUSE_HTTP_PORT" \
+            --https_port="$CLICKHOUSE_HTTPS_PORT" \
             --tcp_port="$CLICKHOUSE_TCP_PORT" \
             --interserver_http_port="$CLICKHOUSE_INTERSERVER_PORT" \
+            --openSSL.server.certificateFile="$TLS_DIR/server.pem" \
+            --openSSL.server.privateKeyFile="$TLS_DIR/server.key" \
+            --openSSL.server.dhParamsFile= \
             --logger.log="$CH_LOG" \
             --logger.errorlog="$CH_ERRLOG" \
             >>"$CH_LOG" 2>&1 </dev/null) &
@@ -904,7 +911,10 @@ cmd_start() {
             tls_ensure
             pg_up
             ;;
-        clickhouse) ch_up ;;
+        clickhouse)
+            tls_ensure
+            ch_up
+            ;;
         sqs) sqs_up ;;
         *)
             echo "usage: $0 start kafka|postgres|clickhouse|sqs" >&2

@@ -19,6 +19,9 @@ pub struct PipelineConfig {
     pub clickhouse_url: String,
     /// ClickHouse database holding the `events` table.
     pub clickhouse_database: String,
+    /// CA certificates (PEM) an `https://` ClickHouse's certificate must
+    /// chain to; `None`: the public web PKI (webpki roots).
+    pub clickhouse_ca_file: Option<std::path::PathBuf>,
     /// ClickHouse user, if not the default.
     pub clickhouse_user: Option<String>,
     /// ClickHouse password, if any.
@@ -84,6 +87,7 @@ impl PipelineConfig {
             postgres_url: "postgres://postgres:postgres@127.0.0.1:5432/pipeline".to_string(),
             clickhouse_url: "http://127.0.0.1:8123".to_string(),
             clickhouse_database: "pipeline".to_string(),
+            clickhouse_ca_file: None,
             clickhouse_user: None,
             clickhouse_password: None,
             batch_size: 2000,

@@ -15,6 +15,7 @@
 //! - [`consumer`], [`parser`], [`sink`], [`dlq_writer`], [`committer`]: one actor each.
 //! - [`sqs`], [`sqs_consumer`], [`order`]: the SQS side: queue plumbing, the
 //!   consumer actor whose poison the broker redrives, and the order parser.
+//! - [`clickhouse_tls`]: ClickHouse over HTTPS trusting the CA of `--clickhouse-ca-file`.
 //! - [`breaker`]: the sink's circuit breaker per store.
 //! - [`faults`]: injected panics, hangs and crash points for the recovery tests and demo.
 //! - [`progress`]: what each actor tells the watchdog (busy, progress).
@@ -25,6 +26,7 @@
 
 pub mod breaker;
 pub mod budget;
+pub mod clickhouse_tls;
 pub mod committer;
 pub mod config;
 pub mod consumer;

@@ -24,6 +24,18 @@ use crate::models::{SourcePosition, ValidRecord};
 /// configuration says otherwise (`--service-timeout-ms`).
 pub const DEFAULT_SERVICE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// An error and its causes, `: `-separated (a client library's TLS failure
+/// is in a cause, not in the error's own text).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text = format!("{text}: {inner}");
+        cause = inner.source();
+    }
+    text
+}
+
 /// Opens a PostgreSQL connection and drives it on the runtime; a server that
 /// does not answer within [`DEFAULT_SERVICE_TIMEOUT`] is an error.
 pub async fn connect_postgres(url: &str) -> Result<Client, PipelineError> {
@@ -48,12 +60,7 @@ async fn open_postgres(url: &str, what: &str) -> Result<Client, PipelineError> {
     target.connect().await.map_err(|error| {
         // A certificate that does not verify is a setting to fix, not an
         // outage: say which.
-        let mut text = error.to_string();
-        let mut cause = std::error::Error::source(&error);
-        while let Some(inner) = cause {
-            text = format!("{text}: {inner}");
-            cause = inner.source();
-        }
+        let text = with_causes(&error);
         if text.contains("certificate verify failed") {
             PipelineError::Config {
                 setting: "--postgres-url (POSTGRES_URL): sslrootcert, sslmode",
@@ -403,9 +410,20 @@ pub struct ClickHouseEvents {
 }
 
 impl ClickHouseEvents {
-    /// Builds the client from the configuration (no connection yet).
-    pub fn client(config: &PipelineConfig) -> clickhouse::Client {
-        let mut client = clickhouse::Client::default()
+    /// Builds the client from the configuration (no connection yet). With
+    /// `clickhouse_ca_file`, it trusts that CA only; fails if the file holds
+    /// no certificate.
+    pub fn client(config: &PipelineConfig) -> Result<clickhouse::Client, PipelineError> {
+        let base = match &config.clickhouse_ca_file {
+            None => clickhouse::Client::default(),
+            Some(ca_file) => crate::clickhouse_tls::client_trusting(ca_file).map_err(|reason| {
+                PipelineError::Config {
+                    setting: "--clickhouse-ca-file (CLICKHOUSE_CA_FILE)",
+                    reason,
+                }
+            })?,
+        };
+        let mut client = base
             .with_url(&config.clickhouse_url)
             .with_database(&config.clickhouse_database)
             // RowBinary without the schema round trip: works on ClickHouse 18.16 too.
@@ -416,13 +434,13 @@ impl ClickHouseEvents {
         if let Some(password) = &config.clickhouse_password {
             client = client.with_password(password);
         }
-        client
+        Ok(client)
     }
 
     /// Creates the table if it is missing; every call is bounded by
     /// `config.service_timeout`.
     pub async fn connect(config: &PipelineConfig) -> Result<ClickHouseEvents, PipelineError> {
-        let client = ClickHouseEvents::client(config);
+        let client = ClickHouseEvents::client(config)?;
         let timeout = config.service_timeout;
         let engine = if config.dedup {
             "ReplacingMergeTree()"
@@ -450,9 +468,26 @@ impl ClickHouseEvents {
             redact_url(&config.clickhouse_url)
         );
         within(timeout, "clickhouse", &what, async {
-            create
-                .await
-                .map_err(PipelineError::clickhouse(what.clone()))
+            create.await.map_err(|error| {
+                // A certificate that does not verify is a setting to fix,
+                // not an outage: say which.
+                let text = with_causes(&error);
+                if text.contains("invalid peer certificate") {
+                    PipelineError::Config {
+                        setting: "--clickhouse-ca-file (CLICKHOUSE_CA_FILE)",
+                        reason: format!(
+                            "{what}: the server's TLS certificate does not verify against {}: {text}",
+                            config
+                                .clickhouse_ca_file
+                                .as_ref()
+                                .map(|file| file.display().to_string())
+                                .unwrap_or_else(|| "the public web PKI (webpki roots)".to_string())
+                        ),
+                    }
+                } else {
+                    PipelineError::clickhouse(what.clone())(error)
+                }
+            })
         })
         .await?;
         Ok(ClickHouseEvents { client, timeout })

@@ -131,7 +131,7 @@ async fn postgres_positions(postgres_url: &str) -> anyhow::Result<Positions> {
 }
 
 async fn clickhouse_positions(connections: &ConnectionArgs) -> anyhow::Result<Positions> {
-    let client = ClickHouseEvents::client(&connections.pipeline_config()?);
+    let client = ClickHouseEvents::client(&connections.pipeline_config()?)?;
     let engines: Vec<String> = client
         .query("SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = 'events'")
         .fetch_all()

@@ -69,6 +69,10 @@ pub struct ConnectionArgs {
     /// ClickHouse database holding the `events` table.
     #[arg(long, env = "CLICKHOUSE_DATABASE", default_value = "pipeline")]
     pub clickhouse_database: String,
+    /// CA certificates (PEM) an https:// ClickHouse's certificate must chain
+    /// to (default: the public web PKI).
+    #[arg(long, env = "CLICKHOUSE_CA_FILE")]
+    pub clickhouse_ca_file: Option<std::path::PathBuf>,
     /// ClickHouse user (default: the server's default user).
     #[arg(long, env = "CLICKHOUSE_USER")]
     pub clickhouse_user: Option<String>,
@@ -115,6 +119,17 @@ impl ConnectionArgs {
                 ),
             ));
         }
+        if let Some(ca_file) = &self.clickhouse_ca_file {
+            if !self.clickhouse_url.starts_with("https://") {
+                return Err(invalid(
+                    "--clickhouse-ca-file",
+                    "CLICKHOUSE_CA_FILE",
+                    "is only used with an https:// --clickhouse-url",
+                ));
+            }
+            stream_actors::clickhouse_tls::root_store(ca_file)
+                .map_err(|reason| invalid("--clickhouse-ca-file", "CLICKHOUSE_CA_FILE", reason))?;
+        }
         Ok(())
     }
 
@@ -138,6 +153,7 @@ impl ConnectionArgs {
             clickhouse_database: self.clickhouse_database.clone(),
             clickhouse_user: self.clickhouse_user.clone(),
             clickhouse_password: self.clickhouse_password.clone(),
+            clickhouse_ca_file: self.clickhouse_ca_file.clone(),
             ..PipelineConfig::local_defaults()
         })
     }

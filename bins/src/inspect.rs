@@ -150,7 +150,7 @@ pub struct ClickHouseCounts {
 
 /// Counts the ClickHouse `events` table (zero if it does not exist yet).
 pub async fn clickhouse_counts(config: &PipelineConfig) -> anyhow::Result<ClickHouseCounts> {
-    let client = ClickHouseEvents::client(config);
+    let client = ClickHouseEvents::client(config)?;
     let exists: u8 = client
         .query("EXISTS TABLE events")
         .fetch_one()

@@ -224,6 +224,12 @@ impl TestEnv {
             .into_iter()
             .flat_map(|(flag, value)| [flag.to_string(), value.clone()]),
         );
+        if let Some(ca_file) = &config.clickhouse_ca_file {
+            flags.extend([
+                "--clickhouse-ca-file".to_string(),
+                ca_file.to_string_lossy().into_owned(),
+            ]);
+        }
         flags
     }
 
@@ -238,6 +244,7 @@ impl TestEnv {
             postgres_url: self.config.postgres_url.clone(),
             clickhouse_url: self.config.clickhouse_url.clone(),
             clickhouse_database: self.config.clickhouse_database.clone(),
+            clickhouse_ca_file: self.config.clickhouse_ca_file.clone(),
             clickhouse_user: None,
             clickhouse_password: None,
         }

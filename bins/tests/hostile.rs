@@ -442,6 +442,7 @@ async fn records_a_store_refuses_are_bisected_out_and_dead_lettered_from_the_sin
         .await
         .unwrap();
     stream_actors::storage::ClickHouseEvents::client(&env.config)
+        .expect("clickhouse client")
         .query("ALTER TABLE events ADD COLUMN refuse_marked UInt8 MATERIALIZED throwIf(user_id IN ('refused-by-clickhouse', 'refused-by-both'))")
         .execute()
         .await

@@ -68,6 +68,9 @@ impl ProcessorProcess {
         if !with_token {
             command.env_remove("ADMIN_TOKEN_FILE");
         }
+        if let Some(ca_file) = &config.clickhouse_ca_file {
+            command.env("CLICKHOUSE_CA_FILE", ca_file);
+        }
         let (security_flags, security_environment) =
             stream_actors::kafka::KafkaSecurityArgs::of(&config.brokers.security);
         command.args(security_flags).envs(security_environment);
