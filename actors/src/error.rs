@@ -7,8 +7,9 @@ use crate::mailbox::MailboxError;
 /// An infrastructure failure on the data path.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    /// PostgreSQL refused a connection or a statement.
-    #[error("postgres: {context}: {source}")]
+    /// PostgreSQL refused a connection or a statement. Shown with the
+    /// server's message, SQLSTATE and what it names ([`postgres_detail`]).
+    #[error("postgres: {context}: {}", postgres_detail(source))]
     Postgres {
         /// What we were doing.
         context: String,
@@ -16,8 +17,9 @@ pub enum PipelineError {
         #[source]
         source: tokio_postgres::Error,
     },
-    /// ClickHouse refused a connection or a statement.
-    #[error("clickhouse: {context}: {source}")]
+    /// ClickHouse refused a connection or a statement (its message carries
+    /// the server's `Code: N`).
+    #[error("clickhouse: {context}: {}", with_causes(source))]
     ClickHouse {
         /// What we were doing.
         context: String,
@@ -71,6 +73,55 @@ pub enum PipelineError {
         /// Why it cannot work.
         reason: String,
     },
+}
+
+/// An error and its causes, `: `-separated (a client library's TLS failure
+/// is in a cause, not in the error's own text); a cause whose text the
+/// error already shows is not repeated.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text = format!("{text}: {inner_text}");
+        }
+        cause = inner.source();
+    }
+    text
+}
+
+/// What PostgreSQL said, for a log line an operator can act on: the
+/// server's message with its SQLSTATE and the constraint, table and column
+/// it names, then its detail and hint; a failure that never reached the
+/// server (connection, TLS, protocol) as the driver's error and its causes.
+pub fn postgres_detail(error: &tokio_postgres::Error) -> String {
+    let Some(db_error) = error.as_db_error() else {
+        return with_causes(error);
+    };
+    let mut names = vec![format!("SQLSTATE {}", db_error.code().code())];
+    for (what, value) in [
+        ("constraint", db_error.constraint()),
+        ("table", db_error.table()),
+        ("column", db_error.column()),
+    ] {
+        if let Some(value) = value {
+            names.push(format!("{what} {value}"));
+        }
+    }
+    let mut text = format!(
+        "{} {} ({})",
+        db_error.severity(),
+        db_error.message(),
+        names.join(", ")
+    );
+    if let Some(detail) = db_error.detail() {
+        text.push_str(&format!("; detail: {detail}"));
+    }
+    if let Some(hint) = db_error.hint() {
+        text.push_str(&format!("; hint: {hint}"));
+    }
+    text
 }
 
 /// PostgreSQL errors about the values written, not about the server: the
@@ -187,6 +238,19 @@ impl PipelineError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("error connecting to server: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn causes_are_added_once() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(
+            with_causes(&Outer(refused)),
+            "error connecting to server: refused"
+        );
+    }
 
     #[test]
     fn clickhouse_codes_are_read_from_the_exception() {

@@ -14,6 +14,17 @@ pub struct SourcePosition {
     pub offset: i64,
 }
 
+impl std::fmt::Display for SourcePosition {
+    /// `partition 3 offset 1200`.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "partition {} offset {}",
+            self.partition, self.offset
+        )
+    }
+}
+
 /// A record as the consumer read it, bytes untouched.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawRecord {

@@ -17,24 +17,12 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::config::PipelineConfig;
-use crate::error::{within, PipelineError};
+use crate::error::{with_causes, within, PipelineError};
 use crate::models::{SourcePosition, ValidRecord};
 
 /// The longest one call to PostgreSQL or ClickHouse may take unless the
 /// configuration says otherwise (`--service-timeout-ms`).
 pub const DEFAULT_SERVICE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// An error and its causes, `: `-separated (a client library's TLS failure
-/// is in a cause, not in the error's own text).
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text = format!("{text}: {inner}");
-        cause = inner.source();
-    }
-    text
-}
 
 /// Opens a PostgreSQL connection and drives it on the runtime; a server that
 /// does not answer within [`DEFAULT_SERVICE_TIMEOUT`] is an error.
@@ -342,7 +330,8 @@ impl PostgresEvents {
         let statement = format!("INSERT INTO events (event_id, event_type, user_id, amount, ts_ms, schema_version, source_partition, source_offset)
                  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::int8[], $6::int4[], $7::int4[], $8::int8[])
                  {on_conflict}");
-        within(self.timeout, "postgres", "insert events batch", async {
+        let what = describe_batch(records);
+        within(self.timeout, "postgres", &what, async {
             self.client
                 .execute(
                     &statement,
@@ -358,7 +347,7 @@ impl PostgresEvents {
                     ],
                 )
                 .await
-                .map_err(PipelineError::postgres("insert events batch"))
+                .map_err(PipelineError::postgres(what.as_str()))
         })
         .await
     }
@@ -382,6 +371,20 @@ impl PostgresEvents {
 }
 
 /// Partitions and offsets as two columns.
+/// What a batch write was doing, for its errors: how many events, and the
+/// source positions of the first and the last.
+pub fn describe_batch(records: &[ValidRecord]) -> String {
+    match (records.first(), records.last()) {
+        (Some(first), Some(last)) => format!(
+            "insert a batch of {} events (first {}, last {})",
+            records.len(),
+            first.raw.position,
+            last.raw.position
+        ),
+        _ => "insert an empty batch".to_string(),
+    }
+}
+
 fn split_positions(positions: impl Iterator<Item = SourcePosition>) -> (Vec<i32>, Vec<i64>) {
     positions
         .map(|position| (position.partition, position.offset))
@@ -495,13 +498,16 @@ impl ClickHouseEvents {
 
     /// Stores a batch in one INSERT, within the timeout.
     pub async fn write(&self, records: &[ValidRecord]) -> Result<(), PipelineError> {
-        within(
-            self.timeout,
-            "clickhouse",
-            "insert events batch",
-            self.insert(records),
-        )
-        .await
+        let what = describe_batch(records);
+        within(self.timeout, "clickhouse", &what, self.insert(records))
+            .await
+            .map_err(|error| match error {
+                PipelineError::ClickHouse { context, source } => PipelineError::ClickHouse {
+                    context: format!("{what}: {context}"),
+                    source,
+                },
+                other => other,
+            })
     }
 
     async fn insert(&self, records: &[ValidRecord]) -> Result<(), PipelineError> {

@@ -7,6 +7,7 @@
 //! - [`processor`]: runs the pipeline until a signal or a failure.
 //! - [`prometheus`]: a small Prometheus API client.
 //! - [`watch`]: `streamctl watch`, the live terminal view.
+//! - [`lag`]: `streamctl lag`, a group's lag from the broker's side (and its exporter).
 //! - [`inspect`]: independent reads of topics, stores and checkpoints.
 //! - [`report`]: `streamctl report`, the demo's summary.
 //! - [`sqs_consumer`]: runs the SQS consumer actor under its supervisor.
@@ -22,6 +23,7 @@ pub mod db;
 pub mod dlq;
 pub mod http;
 pub mod inspect;
+pub mod lag;
 pub mod processor;
 pub mod prometheus;
 pub mod report;
@@ -30,14 +32,17 @@ pub mod sqs_consumer;
 pub mod topics;
 pub mod watch;
 
-/// Sets up `tracing` to stderr; `RUST_LOG` overrides the default level.
+/// Sets up `tracing` to stderr (coloured only on a terminal); `RUST_LOG`
+/// overrides the default level.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn")
     });
+    // Colours for a terminal only: a log file gets plain text to grep.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
