@@ -29,6 +29,7 @@ RUN apt-get update \
 COPY --from=builder /out/processor /out/sqs-consumer /out/loadgen /out/streamctl /usr/local/bin/
 # Numeric, so Kubernetes can verify runAsNonRoot without a passwd lookup.
 USER 10001:10001
-# processor /metrics, loadgen /metrics, sqs-consumer /metrics (METRICS_ADDR).
-EXPOSE 9464 9465 9466
+# processor /metrics, loadgen /metrics, sqs-consumer /metrics (METRICS_ADDR),
+# streamctl lag --serve (LAG_EXPORTER_ADDR).
+EXPOSE 9464 9465 9466 9467
 CMD ["processor"]

@@ -78,6 +78,7 @@ wait:
 	$(K) -n platform rollout status deployment/elasticmq --timeout=$(TIMEOUT)
 	$(K) -n platform rollout status deployment/processor --timeout=$(TIMEOUT)
 	$(K) -n platform rollout status deployment/sqs-consumer --timeout=$(TIMEOUT)
+	$(K) -n platform rollout status deployment/lag-exporter --timeout=$(TIMEOUT)
 	$(K) -n observability rollout status statefulset/prometheus --timeout=$(TIMEOUT)
 	$(K) -n observability rollout status deployment/alertmanager --timeout=$(TIMEOUT)
 	$(K) -n observability rollout status deployment/grafana --timeout=$(TIMEOUT)

@@ -9,6 +9,10 @@
 #
 # Each run starts clean: it recreates the topics `events` and `events.dlq`,
 # drops the pipeline's tables and uses a fresh consumer group.
+#
+# Installs and builds write to .services/demo-setup.log (one line each here);
+# the processor's log is .services/processor.log, the lag exporter's
+# .services/lag-exporter.log. The chart of the run: .services/demo.png.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -25,23 +29,38 @@ STATE="$ROOT/.services"
 mkdir -p "$STATE"
 
 say() { printf '%s\n' "$*" >&2; }
+SETUP_LOG="$STATE/demo-setup.log"
+: >"$SETUP_LOG"
+# quietly WHAT COMMAND...: runs COMMAND with its output in $SETUP_LOG, says
+# one line, and on a failure shows the log's tail.
+quietly() {
+  local what="$1" began
+  shift
+  began=$(date +%s)
+  printf '%s ... ' "$what" >&2
+  if "$@" >>"$SETUP_LOG" 2>&1; then
+    printf 'done in %s s\n' "$(($(date +%s) - began))" >&2
+  else
+    printf 'FAILED; the end of %s:\n' "$SETUP_LOG" >&2
+    tail -30 "$SETUP_LOG" >&2
+    exit 1
+  fi
+}
 
-say "== 0. services =="
+say "== 0. services and binaries (output in $SETUP_LOG) =="
 # services.sh creates the topics with streamctl: build it in release, as below.
-STREAMCTL_PROFILE=release bash scripts/services.sh up
-
-say "== building release binaries (first time takes a few minutes) =="
-cargo build --release -p stream-bins -p loadgen
+quietly "services: Kafka, PostgreSQL, ClickHouse, SQS (moto), and the streamctl that creates the topics" env STREAMCTL_PROFILE=release bash scripts/services.sh up
+quietly "release build (the first takes several minutes)" cargo build --release -p stream-bins -p loadgen
 BIN="$ROOT/target/release"
 
 say "== starting clean: topics recreated, tables dropped, group $GROUP =="
-"$BIN/streamctl" topics ensure --brokers "$BROKERS" --topic events --dlq-topic events.dlq --recreate >&2
+"$BIN/streamctl" topics ensure --brokers "$BROKERS" --topic events --dlq-topic events.dlq --recreate >>"$SETUP_LOG" 2>&1
 psql -q "$POSTGRES_URL" -c 'DROP TABLE IF EXISTS events; DROP TABLE IF EXISTS pipeline_checkpoints;' >/dev/null
 curl -sf "$CLICKHOUSE_URL/" --data-binary 'DROP TABLE IF EXISTS pipeline.events' >/dev/null
 
 say "== Prometheus (rules from observability/) and Alertmanager =="
 if ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus prometheus-alertmanager >&2
+  quietly "installing prometheus and alertmanager (apt)" env DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus prometheus-alertmanager
 fi
 PROMETHEUS_ADDR="${PROMETHEUS_ADDR:-127.0.0.1:9090}"
 if curl -sf "http://$PROMETHEUS_ADDR/-/ready" >/dev/null 2>&1; then
@@ -55,8 +74,14 @@ prometheus-alertmanager --config.file="$ROOT/observability/alertmanager/alertman
   --storage.path="$STATE/alertmanager" --web.listen-address=127.0.0.1:9093 --cluster.listen-address= \
   >"$STATE/alertmanager.log" 2>&1 &
 ALERTMANAGER_PID=$!
+# The lag, read from the broker by a process of its own: it keeps
+# measuring while the processor is down (job lag-exporter in prometheus.yml).
+LAG_EXPORTER_ADDR="${LAG_EXPORTER_ADDR:-127.0.0.1:9467}"
+"$BIN/streamctl" lag --brokers "$BROKERS" --group "$GROUP" --topic events --postgres-url "$POSTGRES_URL" \
+  --serve "$LAG_EXPORTER_ADDR" >"$STATE/lag-exporter.log" 2>&1 &
+LAG_EXPORTER_PID=$!
 # shellcheck disable=SC2317  # called from the EXIT trap
-stop_observability() { kill "$PROMETHEUS_PID" "$ALERTMANAGER_PID" 2>/dev/null || true; }
+stop_observability() { kill "$PROMETHEUS_PID" "$ALERTMANAGER_PID" "$LAG_EXPORTER_PID" 2>/dev/null || true; }
 trap stop_observability EXIT
 for _ in $(seq 1 100); do curl -sf "http://$PROMETHEUS_ADDR/-/ready" >/dev/null 2>&1 && break; sleep 0.2; done
 curl -sf "http://$PROMETHEUS_ADDR/-/ready" >/dev/null || { say "prometheus did not start:"; tail -20 "$STATE/prometheus.log" >&2; exit 1; }
@@ -99,8 +124,11 @@ trap stop_processor EXIT
 start_processor
 say "processor running (pid $PROCESSOR_PID, admin http://$METRICS_ADDR/status, metrics /metrics, log $STATE/processor.log)"
 
-say "waiting for Prometheus to scrape the processor before any event (so its rates cover them all)"
-for _ in $(seq 1 60); do [ "$(promql 'stream_events_processed_total')" = "0" ] && break; sleep 0.5; done
+say "waiting for Prometheus to scrape the processor and the lag exporter before any event (so the chart covers them all)"
+for _ in $(seq 1 60); do
+  [ "$(promql 'stream_events_processed_total')" = "0" ] && [ "$(promql 'sum(stream_group_lag)')" = "0" ] && break
+  sleep 0.5
+done
 
 say "== 2. loadgen --count $COUNT --rate $RATE --poison-rate $POISON_RATE (in the background) =="
 START=$(date +%s.%N)
@@ -112,24 +140,43 @@ stored() { psql -tA "$POSTGRES_URL" -c 'SELECT count(*) FROM events' 2>/dev/null
 for _ in $(seq 1 300); do [ "$(stored)" -gt "$((COUNT / 5))" ] && break; sleep 0.1; done
 
 say "== 2b. kill and watch (seed 000, step 2) =="
+now() { date +%s.%N; }
+# lag: the group's lag as the lag exporter reads it from the broker.
+lag() { curl -sf "http://$LAG_EXPORTER_ADDR/metrics" | awk '/^stream_group_lag\{/ { sum += $2 } END { print sum + 0 }'; }
 BEFORE=$(stored)
 printf 'stored before the kills: %s\n' "$BEFORE"
-KILL_ACTOR_AT=$(date +%s)
-"$BIN/streamctl" kill sink --admin "$METRICS_ADDR"
+KILL_ACTOR_AT=$(now)
+"$BIN/streamctl" kill sink --admin "$METRICS_ADDR" >/dev/null
 for _ in $(seq 1 300); do
   curl -sf "http://$METRICS_ADDR/status" | grep -q '"generation":2' && curl -sf "http://$METRICS_ADDR/readyz" >/dev/null && break
   sleep 0.05
 done
-printf 'supervisor restarted the pipeline from the checkpoint in %s s; restarts: %s\n' "$(($(date +%s) - KILL_ACTOR_AT))" \
+PIPELINE_BACK_AT=$(now)
+printf 'actor kill: the supervisor restarted the pipeline from the checkpoint in %.1f s; restarts: %s\n' \
+  "$(awk -v a="$KILL_ACTOR_AT" -v b="$PIPELINE_BACK_AT" 'BEGIN { print b - a }')" \
   "$(curl -sf "http://$METRICS_ADDR/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["restarts"])')"
-KILL_PROCESS_AT=$(date +%s)
+# Let it store for a while, so the chart shows the two kills apart.
+RESUMED=$(stored)
+for _ in $(seq 1 200); do [ "$(stored)" -gt "$((RESUMED + COUNT / 10))" ] && break; sleep 0.05; done
+KILL_PROCESS_AT=$(now)
 kill -9 "$PROCESSOR_PID"
 wait "$PROCESSOR_PID" 2>/dev/null || true
-printf 'processor SIGKILLed at %s rows; restarting it as an orchestrator would\n' "$(stored)"
+# Down, as a node failure would leave it, until the lag exporter sees the
+# lag climb by DOWN_LAG records (at most 15 s, or until loadgen is done).
+DOWN_LAG="${DOWN_LAG:-40000}"
+LAG_AT_KILL=$(lag)
+for _ in $(seq 1 150); do
+  [ "$(lag)" -ge "$((LAG_AT_KILL + DOWN_LAG))" ] && break
+  kill -0 "$LOADGEN_PID" 2>/dev/null || break
+  sleep 0.1
+done
+printf 'processor SIGKILLed at %s rows; down for %.1f s while the lag climbed from %s to %s; restarting it as an orchestrator would\n' \
+  "$(stored)" "$(awk -v a="$KILL_PROCESS_AT" -v b="$(now)" 'BEGIN { print b - a }')" "$LAG_AT_KILL" "$(lag)"
+PROCESS_BACK_AT=$(now)
 start_processor
 AFTER_KILL=$(stored)
 for _ in $(seq 1 300); do [ "$(stored)" -gt "$AFTER_KILL" ] && break; sleep 0.05; done
-printf 'processor back and storing after %s s\n' "$(($(date +%s) - KILL_PROCESS_AT))"
+printf 'processor back and storing %.1f s after the restart\n' "$(awk -v a="$PROCESS_BACK_AT" -v b="$(now)" 'BEGIN { print b - a }')"
 wait "$LOADGEN_PID"
 LEDGER=$(tail -1 "$STATE/ledger.txt")
 say "ledger: $LEDGER"
@@ -139,6 +186,7 @@ set +e
 "$BIN/streamctl" report --brokers "$BROKERS" --group "$GROUP" --postgres-url "$POSTGRES_URL" \
   --clickhouse-url "$CLICKHOUSE_URL" --wait-secs 600
 VERDICT=$?
+CAUGHT_UP_AT=$(date +%s)
 AFTER=$(stored)
 printf 'stored after the kills: %s (before: %s)\n' "$AFTER" "$BEFORE"
 say "== 3b. streamctl audit: the topic, read independently, against both stores and the DLQ =="
@@ -169,8 +217,10 @@ printf 'error budget left (last hour, slo:error_budget:remaining1h): %.1f%%\n' "
 printf 'alerts: %s\n' "$(curl -sf "http://$PROMETHEUS_ADDR/api/v1/alerts" |
   python3 -c 'import json,sys; a=json.load(sys.stdin)["data"]["alerts"]; print(", ".join(x["labels"]["alertname"]+"="+x["state"] for x in a) or "none pending or firing")')"
 
-"$BIN/streamctl" chart --prometheus "$PROMETHEUS_ADDR" --start "$((RUN_START - 10))" --out "$STATE/demo.png" \
-  --mark "$KILL_ACTOR_AT:kill sink" --mark "$KILL_PROCESS_AT:SIGKILL processor"
+"$BIN/streamctl" chart --prometheus "$PROMETHEUS_ADDR" --start "$((RUN_START - 5))" --end "$((CAUGHT_UP_AT + 5))" \
+  --out "$STATE/demo.png" \
+  --mark "$KILL_ACTOR_AT:kill sink" --mark "$PIPELINE_BACK_AT:pipeline restarted" \
+  --mark "$KILL_PROCESS_AT:SIGKILL processor" --mark "$PROCESS_BACK_AT:processor restarted"
 
 say "== 4. queue contrast: the broker redrives after maxReceiveCount =="
 "$BIN/streamctl" sqs setup --queue orders --dlq orders-dlq --max-receive-count 3 --purge >&2

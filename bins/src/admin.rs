@@ -168,26 +168,40 @@ pub fn router(target: AdminTarget) -> Router {
             target.clone(),
             require_token,
         ));
-    Router::new()
+    let routes = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .merge(actions)
-        .fallback(not_found)
+        .fallback(not_found);
+    with_limits(routes).with_state(target)
+}
+
+/// The limits every endpoint of ours keeps: at most
+/// [`MAX_CONCURRENT_REQUESTS`] at once, each answered within
+/// [`REQUEST_TIMEOUT`] (408 after that).
+pub fn with_limits<S: Clone + Send + Sync + 'static>(routes: Router<S>) -> Router<S> {
+    routes
         .layer(GlobalConcurrencyLimitLayer::new(MAX_CONCURRENT_REQUESTS))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
-        .with_state(target)
 }
 
 /// Serves the endpoint on an already bound listener until the process ends:
 /// one request per connection, each connection closed after at most
 /// [`HEADER_READ_TIMEOUT`] + [`REQUEST_TIMEOUT`].
 pub async fn serve(listener: TcpListener, target: AdminTarget) {
-    let app = router(target);
+    serve_router(listener, router(target)).await
+}
+
+/// Serves `app` on an already bound listener until the process ends, with
+/// the admin endpoint's limits: one request per connection, the head within
+/// [`HEADER_READ_TIMEOUT`], the connection closed after at most
+/// [`HEADER_READ_TIMEOUT`] + [`REQUEST_TIMEOUT`].
+pub async fn serve_router(listener: TcpListener, app: Router) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,

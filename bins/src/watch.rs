@@ -61,7 +61,8 @@ pub fn snapshot(address: &str) -> anyhow::Result<Snapshot> {
             address,
             "sum(rate(stream_dlq_messages_total[30s]))",
         )?,
-        lag: query_scalar(address, "sum(stream_consumer_lag)")?,
+        // From the lag exporter: it keeps reading while the processor is down.
+        lag: query_scalar(address, "sum(stream_group_lag)")?,
         mailboxes,
         restarts: query_scalar(address, "sum(stream_actor_restarts_total)")?,
         sli: query_scalar(address, "sli:success:ratio5m")?,
@@ -153,7 +154,7 @@ fn run_terminal(address: &str, iterations: Option<u64>) -> anyhow::Result<()> {
             .split(frame.area());
             let text = match &last {
                 Ok(current) => format!(
-                    "processor up: {}   restarts: {}\nprocessed/s: {}   consumed/s: {}   dead-lettered/s: {}\nconsumer lag: {}\nSLI (sli:success:ratio5m): {} (target 0.99)\nerror budget left (1h): {}%",
+                    "processor up: {}   restarts: {}\nprocessed/s: {}   consumed/s: {}   dead-lettered/s: {}\nlag (from the broker, streamctl lag): {}\nSLI (sli:success:ratio5m): {} (target 0.99)\nerror budget left (1h): {}%",
                     figure(current.processor_up, 0),
                     figure(current.restarts, 0),
                     figure(current.processed_per_second, 0),

@@ -1,8 +1,8 @@
 //! Every metric the rules and dashboards may use (observability/exported-metrics.txt,
 //! which scripts/check-observability.sh holds them to) is really exported: a
 //! pipeline, an SQS consumer and loadgen run in this process against a
-//! Prometheus recorder, and the names in its exposition are compared with the
-//! list. A renamed metric breaks this test, not a dashboard.
+//! Prometheus recorder, the lag exporter reads the same group, and the names
+//! in their expositions are compared with the list. A renamed metric breaks this test, not a dashboard.
 
 mod common;
 
@@ -88,8 +88,20 @@ async fn every_listed_metric_is_exported() {
     .await;
     consumer.shutdown().await;
     pipeline.shutdown().await;
+    // The lag exporter's (job lag-exporter) series, read after the
+    // pipeline committed and checkpointed.
+    let mut reader = stream_bins::lag::LagReader::new(
+        &env.config.brokers,
+        &env.config.group_id,
+        &env.config.topic,
+        Some(env.config.postgres_url.clone()),
+    )
+    .expect("lag reader");
+    let reading = reader.read().await;
+    assert_eq!(reading.group_lag(), Some(0), "{reading:?}");
 
-    let exposition = recorder.render();
+    let exposition = recorder.render()
+        + &stream_bins::lag::exposition(&reading, &stream_bins::lag::Failures::default());
     let exported: BTreeSet<String> = exposition
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))

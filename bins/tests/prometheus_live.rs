@@ -4,20 +4,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, http_get, url_encode, wait_until, TestEnv};
-
-/// Kills the child process when the test ends, however it ends.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{free_port, http_get, url_encode, wait_until, KillOnDrop, TestEnv};
 
 /// The first sample's value of an instant query, if any.
 fn query(prometheus: &str, expression: &str) -> Option<f64> {

@@ -33,10 +33,13 @@ for the offsets and transaction topics (one node); every KAFKA_BROKERS names
 the Service `kafka` on its port, and every project binary that reads
 KAFKA_BROKERS gets it; the topic-init Job creates, with `streamctl topics
 ensure`, every topic the processor and loadgen use;
-and the glue: metrics ports and scrape annotations agree with METRICS_ADDR,
-the processor runs 2 replicas in one group under a PodDisruptionBudget, as
-static members (KAFKA_GROUP_INSTANCE_ID is the pod name), with a
-SESSION_TIMEOUT_MS, if set, within Kafka's default
+and the glue: metrics ports and scrape annotations agree with METRICS_ADDR
+(the lag exporter's --serve), probes use /healthz (and the processor's
+/readyz) where the binary serves it, the lag exporter runs one replica of
+`streamctl lag --serve` on the processor's group and topic with the
+checkpoint (POSTGRES_URL), the processor runs 2 replicas in one group under a
+PodDisruptionBudget, as static members (KAFKA_GROUP_INSTANCE_ID is the pod
+name), with a SESSION_TIMEOUT_MS, if set, within Kafka's default
 group.min/max.session.timeout.ms (6000..300000), the ConfigMaps
 carry observability/ verbatim, the Dockerfile ships the binaries the
 manifests run as the uid they run as, the k3d config names the Makefile's
@@ -397,34 +400,50 @@ def rule_env(docs, project_image, settings=binary_settings):
     return bad
 
 
-# What each binary serves for its probes on the metrics port: the processor's
-# admin endpoint has real health (the supervisor runs) and readiness (all five
-# actors run; 503 while it restarts them); the others only serve /metrics.
-PROBE_PATHS = {"processor": {"livenessProbe": "/healthz", "readinessProbe": "/readyz"}}
+# What each binary (or subcommand) serves for its probes on the metrics port:
+# the processor's admin endpoint has real health (the supervisor runs) and
+# readiness (all five actors run; 503 while it restarts them); the lag
+# exporter serves /healthz; the others only serve /metrics.
+PROBE_PATHS = {
+    "processor": {"livenessProbe": "/healthz", "readinessProbe": "/readyz"},
+    "streamctl lag": {"livenessProbe": "/healthz", "readinessProbe": "/healthz"},
+}
+# Where a binary (or subcommand) is told to serve /metrics: (flag, env); the
+# binaries with a metrics endpoint but these take METRICS_ADDR.
+METRICS_SETTING = {"streamctl lag": ("--serve", "LAG_EXPORTER_ADDR")}
+
+
+def metrics_address(container):
+    """(the setting's name, its value or None): where a container serves /metrics."""
+    argv = container_command(container)
+    flag, env = METRICS_SETTING.get(" ".join(help_command(argv)) if argv else "", (None, "METRICS_ADDR"))
+    if flag is None:
+        return env, env_value(container, env)
+    return "%s (%s)" % (flag, env), flag_or_env(container, flag, env)
 
 
 def rule_metrics(docs, project_image):
-    """METRICS_ADDR binds 0.0.0.0, and its port is the `metrics` port, the scrape annotation's and the probes'."""
+    """METRICS_ADDR (the lag exporter's --serve) binds 0.0.0.0, and its port is the `metrics` port, the scrape annotation's and the probes'."""
     bad = []
     for doc, meta, _, is_init, container in project_containers(docs, project_image):
         at = where(doc, container, is_init)
-        addr = env_value(container, "METRICS_ADDR")
+        setting, addr = metrics_address(container)
         if addr is None:
             continue
         host, _, port = addr.rpartition(":")
         if host != "0.0.0.0":
-            bad.append("%s: METRICS_ADDR %s does not bind 0.0.0.0 (unreachable from Prometheus)" % (at, addr))
+            bad.append("%s: %s %s does not bind 0.0.0.0 (unreachable from Prometheus)" % (at, setting, addr))
         ports = {p.get("name"): p.get("containerPort") for p in container.get("ports", [])}
         if str(ports.get("metrics")) != port:
-            bad.append("%s: container port `metrics` is %s, METRICS_ADDR says %s" % (at, ports.get("metrics"), port))
+            bad.append("%s: container port `metrics` is %s, %s says %s" % (at, ports.get("metrics"), setting, port))
         annotations = meta.get("annotations") or {}
         if annotations.get("prometheus.io/scrape") != "true":
             bad.append("%s: pod lacks prometheus.io/scrape: \"true\"" % at)
         if annotations.get("prometheus.io/port") != port:
-            bad.append("%s: prometheus.io/port %r, METRICS_ADDR port %s" % (at, annotations.get("prometheus.io/port"), port))
-        binary = (container_command(container) or [""])[0]
+            bad.append("%s: prometheus.io/port %r, %s port %s" % (at, annotations.get("prometheus.io/port"), setting, port))
+        command = " ".join(help_command(container_command(container)))
         for probe in ("livenessProbe", "readinessProbe"):
-            path = PROBE_PATHS.get(binary, {}).get(probe, "/metrics")
+            path = PROBE_PATHS.get(command, {}).get(probe, "/metrics")
             get = (container.get(probe) or {}).get("httpGet")
             if get and (get.get("path") != path or str(ports.get(get.get("port"), get.get("port"))) != port):
                 bad.append("%s: %s is not GET %s on the metrics port" % (at, probe, path))
@@ -474,6 +493,48 @@ def rule_processor(docs, project_image):
         bad.append("processor: no PodDisruptionBudget selects its pods")
     elif all(b["spec"].get("minAvailable") != 1 for b in budgets):
         bad.append("processor: PodDisruptionBudget is not minAvailable: 1")
+    return bad
+
+
+LAG_EXPORTER = "lag-exporter"
+
+
+def rule_lag_exporter(docs, project_image):
+    """The lag exporter: one replica of `streamctl lag --serve` labelled lag-exporter (the
+    rules' job), measuring the processor's group on the processor's topic, with the
+    checkpoint (POSTGRES_URL)."""
+    deployment = find(docs, "Deployment", LAG_EXPORTER)
+    if deployment is None:
+        return ["no Deployment %s: nothing reads the lag while the processor is down" % LAG_EXPORTER]
+    bad = []
+    if deployment["spec"].get("replicas", 1) != 1:
+        bad.append("%s: replicas %s, want 1 (HighConsumerLag sums stream_group_lag per group: a second "
+                   "exporter doubles it)" % (LAG_EXPORTER, deployment["spec"].get("replicas")))
+    labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+    if labels.get(NAME_LABEL) != LAG_EXPORTER:
+        bad.append("%s pods are not labelled %s=%s (Prometheus job, the rules' up{job=\"%s\"})"
+                   % (LAG_EXPORTER, NAME_LABEL, LAG_EXPORTER, LAG_EXPORTER))
+    container = next((c for c in deployment["spec"]["template"]["spec"]["containers"]
+                      if c.get("image") == project_image), None)
+    if container is None:
+        return bad + ["%s: no container runs %s" % (LAG_EXPORTER, project_image)]
+    if container_command(container)[:2] != ["streamctl", "lag"]:
+        return bad + ["%s: runs %r, not `streamctl lag`" % (LAG_EXPORTER, container_command(container))]
+    if flag_or_env(container, "--serve", "LAG_EXPORTER_ADDR") is None:
+        bad.append("%s: no --serve (LAG_EXPORTER_ADDR): it would print one table and exit" % LAG_EXPORTER)
+    if env_entry(container, "POSTGRES_URL") is None and flag_or_env(container, "--postgres-url", "POSTGRES_URL") is None:
+        bad.append("%s: no POSTGRES_URL: the checkpoint lag (stream_checkpoint_lag) is not exported" % LAG_EXPORTER)
+    processor = find(docs, "Deployment", "processor")
+    consumer = next((c for c in (processor or {}).get("spec", {}).get("template", {}).get("spec", {})
+                     .get("containers", []) if c.get("image") == project_image), None)
+    if consumer is None:
+        return bad + ["no processor container: whose lag does %s measure?" % LAG_EXPORTER]
+    for flag, env, default in (("--group", "KAFKA_GROUP", "processor"), ("--topic", "KAFKA_TOPIC", "events")):
+        measured = flag_or_env(container, flag, env) or default
+        consumed = flag_or_env(consumer, flag, env) or default
+        if measured != consumed:
+            bad.append("%s: %s %r, the processor's is %r: it measures another group's lag"
+                       % (LAG_EXPORTER, env, measured, consumed))
     return bad
 
 
@@ -1349,6 +1410,8 @@ PLATFORM_FLOWS = {
     ("processor", "clickhouse", 8123),
     ("sqs-consumer", "elasticmq", 9324),
     ("prometheus", "processor", 9464), ("prometheus", "sqs-consumer", 9466), ("prometheus", "loadgen", 9465),
+    # The lag exporter reads the broker and the checkpoints; Prometheus scrapes it.
+    ("lag-exporter", "kafka", 9092), ("lag-exporter", "postgres", 5432), ("prometheus", "lag-exporter", 9467),
 }
 OBSERVABILITY_FLOWS = {
     ("grafana", "prometheus", 9090), ("prometheus", "prometheus", 9090),
@@ -1546,12 +1609,16 @@ class Manifests(unittest.TestCase):
         self.assertHolds(rule_env(DOCS, IMAGE))
 
     def test_metrics(self):
-        """METRICS_ADDR binds 0.0.0.0 on the metrics port that probes and scrape annotations use"""
+        """METRICS_ADDR (the lag exporter's --serve) binds 0.0.0.0 on the metrics port that probes and scrape annotations use"""
         self.assertHolds(rule_metrics(DOCS, IMAGE))
 
     def test_processor(self):
         """the processor: 2 replicas in one group, static members by pod name, a PodDisruptionBudget minAvailable 1"""
         self.assertHolds(rule_processor(DOCS, IMAGE))
+
+    def test_lag_exporter(self):
+        """the lag exporter: 1 replica of streamctl lag --serve, the processor's group and topic, with the checkpoint"""
+        self.assertHolds(rule_lag_exporter(DOCS, IMAGE))
 
     def test_broker(self):
         """the broker: apache/kafka, one KRaft node, log dirs on its PVC, no auto-created topics, replication factor 1"""
@@ -1751,6 +1818,44 @@ class NegativeSelfChecks(unittest.TestCase):
         violations = rule_metrics(docs, "stream-pipeline:dev")
         self.assertEqual(1, len(violations), violations)
         self.assertIn("readinessProbe is not GET /readyz on the metrics port", violations[0])
+
+    def test_lag_exporter_serve_address(self):
+        """self-check: a lag exporter serving on loopback, on another port, or probing /metrics is rejected"""
+        def lag_exporter(serve, probe="/healthz"):
+            doc = good_deployment()
+            container = doc["spec"]["template"]["spec"]["containers"][0]
+            container["command"] = ["streamctl", "lag", "--serve", serve]
+            container["ports"] = [{"name": "metrics", "containerPort": 9467}]
+            container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "metrics"}}
+            container["readinessProbe"] = {"httpGet": {"path": probe, "port": "metrics"}}
+            doc["spec"]["template"]["metadata"]["annotations"] = {"prometheus.io/scrape": "true",
+                                                                 "prometheus.io/port": "9467"}
+            return rule_metrics([doc], "stream-pipeline:dev")
+        self.assertEqual([], lag_exporter("0.0.0.0:9467"))
+        for serve, probe, words in (("127.0.0.1:9467", "/healthz", "does not bind 0.0.0.0"),
+                                    ("0.0.0.0:9464", "/healthz", "container port `metrics` is 9467"),
+                                    ("0.0.0.0:9467", "/metrics", "readinessProbe is not GET /healthz")):
+            violations = lag_exporter(serve, probe)
+            self.assertTrue(violations and any(words in v for v in violations), (serve, probe, violations))
+
+    def test_lag_exporter(self):
+        """self-check: two lag exporters, another group or topic, no --serve, no checkpoint are rejected"""
+        def exporter(docs):
+            return find(docs, "Deployment", LAG_EXPORTER)["spec"]["template"]["spec"]["containers"][0]
+
+        self.assertEqual([], rule_lag_exporter(DOCS, IMAGE))
+        for change, words in (
+                (lambda docs: find(docs, "Deployment", LAG_EXPORTER)["spec"].update(replicas=2), "want 1"),
+                (lambda docs: set_env(exporter(docs), "KAFKA_GROUP", "other"), "KAFKA_GROUP 'other'"),
+                (lambda docs: set_env(exporter(docs), "KAFKA_TOPIC", "events.dlq"), "KAFKA_TOPIC 'events.dlq'"),
+                (lambda docs: exporter(docs).update(command=["streamctl", "lag"]), "no --serve"),
+                (lambda docs: exporter(docs).update(env=[e for e in exporter(docs)["env"]
+                                                         if e["name"] != "POSTGRES_URL"]), "no POSTGRES_URL")):
+            violations = rule_lag_exporter(self.rendered(change), IMAGE)
+            self.assertEqual(1, len(violations), (words, violations))
+            self.assertIn(words, violations[0])
+        violations = rule_lag_exporter([d for d in DOCS if name_of(d) != "Deployment/" + LAG_EXPORTER], IMAGE)
+        self.assertEqual(1, len(violations), violations)
 
     def test_good_broker_passes(self):
         """self-check: the good one-node KRaft broker passes the broker rules"""

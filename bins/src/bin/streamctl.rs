@@ -40,6 +40,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A consumer group's lag read from the broker's side: per partition the
+    /// end offset, the group's committed offset and (with --postgres-url)
+    /// the persisted checkpoint. Keeps measuring while the processor is
+    /// down. With --serve, a Prometheus exporter (job lag-exporter) that
+    /// reads every --interval-secs; without, one table. Exits 1 when a
+    /// source cannot be read.
+    Lag(stream_bins::lag::LagArgs),
     /// The processor's state from its admin endpoint: ready, restarts per
     /// actor, mailboxes, checkpoint.
     Status {
@@ -274,6 +281,16 @@ async fn main() {
         Command::Audit { connections, json } => {
             config_or_exit(connections.validate());
             audit(&connections, json).await
+        }
+        Command::Lag(arguments) => {
+            let brokers = config_or_exit(arguments.validate());
+            match arguments.serve {
+                Some(address) => {
+                    stream_bins::init_tracing();
+                    stream_bins::lag::serve(&arguments, &brokers, address).await
+                }
+                None => stream_bins::lag::print_once(&arguments, &brokers).await,
+            }
         }
         Command::Status {
             admin,

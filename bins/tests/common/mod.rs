@@ -19,6 +19,32 @@ pub async fn within(deadline: Duration, mut condition: impl FnMut() -> bool) -> 
     false
 }
 
+/// A metric from the `/metrics` of `address`, summed over the series whose
+/// labels contain `label` ("" for all); None when no series is there.
+pub fn scrape(address: &str, name: &str, label: &str) -> Option<f64> {
+    let (_, body) = http_get(address, "/metrics").ok()?;
+    let mut total = None;
+    for line in body.lines().filter(|line| !line.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if series.split('{').next() == Some(name) && series.contains(label) {
+            *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+        }
+    }
+    total
+}
+
+/// A child process killed when the test ends, however it ends.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A `processor` process on a scratch environment, with its admin endpoint
 /// on a free port and its log in a temporary file.
 pub struct ProcessorProcess {
@@ -122,37 +148,13 @@ impl ProcessorProcess {
 
     /// A counter or gauge from `/metrics`, summed over its labels.
     pub fn metric(&self, name: &str) -> Option<f64> {
-        let (_, body) = http_get(&self.admin, "/metrics").ok()?;
-        let mut total = None;
-        for line in body.lines() {
-            if line.starts_with('#') {
-                continue;
-            }
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let series_name = series.split('{').next().unwrap_or(series);
-            if series_name == name {
-                *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
-            }
-        }
-        total
+        scrape(&self.admin, name, "")
     }
 
     /// A counter or gauge from `/metrics`, summed over the series whose
     /// labels contain `label` (e.g. `store="postgres"`).
     pub fn metric_where(&self, name: &str, label: &str) -> Option<f64> {
-        let (_, body) = http_get(&self.admin, "/metrics").ok()?;
-        let mut total = None;
-        for line in body.lines().filter(|line| !line.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            if series.split('{').next() == Some(name) && series.contains(label) {
-                *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
-            }
-        }
-        total
+        scrape(&self.admin, name, label)
     }
 
     /// SIGKILL: no drain, no last checkpoint.
