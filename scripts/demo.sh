@@ -141,6 +141,8 @@ for _ in $(seq 1 300); do [ "$(stored)" -gt "$((COUNT / 5))" ] && break; sleep 0
 
 say "== 2b. kill and watch (seed 000, step 2) =="
 now() { date +%s.%N; }
+# seconds_since T: seconds from T (a now) to now, one decimal.
+seconds_since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 # lag: the group's lag as the lag exporter reads it from the broker.
 lag() { curl -sf "http://$LAG_EXPORTER_ADDR/metrics" | awk '/^stream_group_lag\{/ { sum += $2 } END { print sum + 0 }'; }
 BEFORE=$(stored)
@@ -152,8 +154,8 @@ for _ in $(seq 1 300); do
   sleep 0.05
 done
 PIPELINE_BACK_AT=$(now)
-printf 'actor kill: the supervisor restarted the pipeline from the checkpoint in %.1f s; restarts: %s\n' \
-  "$(awk -v a="$KILL_ACTOR_AT" -v b="$PIPELINE_BACK_AT" 'BEGIN { print b - a }')" \
+printf 'actor kill: the supervisor restarted the pipeline from the checkpoint in %s s; restarts: %s\n' \
+  "$(seconds_since "$KILL_ACTOR_AT")" \
   "$(curl -sf "http://$METRICS_ADDR/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["restarts"])')"
 # Let it store for a while, so the chart shows the two kills apart.
 RESUMED=$(stored)
@@ -170,13 +172,13 @@ for _ in $(seq 1 150); do
   kill -0 "$LOADGEN_PID" 2>/dev/null || break
   sleep 0.1
 done
-printf 'processor SIGKILLed at %s rows; down for %.1f s while the lag climbed from %s to %s; restarting it as an orchestrator would\n' \
-  "$(stored)" "$(awk -v a="$KILL_PROCESS_AT" -v b="$(now)" 'BEGIN { print b - a }')" "$LAG_AT_KILL" "$(lag)"
+printf 'processor SIGKILLed at %s rows; down for %s s while the lag climbed from %s to %s; restarting it as an orchestrator would\n' \
+  "$(stored)" "$(seconds_since "$KILL_PROCESS_AT")" "$LAG_AT_KILL" "$(lag)"
 PROCESS_BACK_AT=$(now)
 start_processor
 AFTER_KILL=$(stored)
 for _ in $(seq 1 300); do [ "$(stored)" -gt "$AFTER_KILL" ] && break; sleep 0.05; done
-printf 'processor back and storing %.1f s after the restart\n' "$(awk -v a="$PROCESS_BACK_AT" -v b="$(now)" 'BEGIN { print b - a }')"
+printf 'processor back and storing %s s after the restart\n' "$(seconds_since "$PROCESS_BACK_AT")"
 wait "$LOADGEN_PID"
 LEDGER=$(tail -1 "$STATE/ledger.txt")
 say "ledger: $LEDGER"

@@ -370,7 +370,6 @@ impl PostgresEvents {
     }
 }
 
-/// Partitions and offsets as two columns.
 /// What a batch write was doing, for its errors: how many events, and the
 /// source positions of the first and the last.
 pub fn describe_batch(records: &[ValidRecord]) -> String {
@@ -385,6 +384,7 @@ pub fn describe_batch(records: &[ValidRecord]) -> String {
     }
 }
 
+/// Partitions and offsets as two columns.
 fn split_positions(positions: impl Iterator<Item = SourcePosition>) -> (Vec<i32>, Vec<i64>) {
     positions
         .map(|position| (position.partition, position.offset))
@@ -499,23 +499,22 @@ impl ClickHouseEvents {
     /// Stores a batch in one INSERT, within the timeout.
     pub async fn write(&self, records: &[ValidRecord]) -> Result<(), PipelineError> {
         let what = describe_batch(records);
-        within(self.timeout, "clickhouse", &what, self.insert(records))
-            .await
-            .map_err(|error| match error {
-                PipelineError::ClickHouse { context, source } => PipelineError::ClickHouse {
-                    context: format!("{what}: {context}"),
-                    source,
-                },
-                other => other,
-            })
+        within(
+            self.timeout,
+            "clickhouse",
+            &what,
+            self.insert(records, &what),
+        )
+        .await
     }
 
-    async fn insert(&self, records: &[ValidRecord]) -> Result<(), PipelineError> {
+    /// The INSERT; its errors say `what` (the batch) and the step that failed.
+    async fn insert(&self, records: &[ValidRecord], what: &str) -> Result<(), PipelineError> {
         let mut insert = self
             .client
             .insert::<ClickHouseEventRow<'_>>("events")
             .await
-            .map_err(PipelineError::clickhouse("begin insert"))?;
+            .map_err(PipelineError::clickhouse(format!("{what}: begin insert")))?;
         for record in records {
             let row = ClickHouseEventRow {
                 event_id: record.event.event_id.to_string(),
@@ -530,12 +529,12 @@ impl ClickHouseEvents {
             insert
                 .write(&row)
                 .await
-                .map_err(PipelineError::clickhouse("write row"))?;
+                .map_err(|error| PipelineError::clickhouse(format!("{what}: write row"))(error))?;
         }
         insert
             .end()
             .await
-            .map_err(PipelineError::clickhouse("finish insert"))
+            .map_err(PipelineError::clickhouse(format!("{what}: finish insert")))
     }
 
     /// Deletes the rows stored from these source positions (records another

@@ -81,9 +81,19 @@ fn eof_consumer(brokers: &Brokers) -> anyhow::Result<BaseConsumer<EndOfPartition
 
 /// The partitions of a topic, sorted.
 pub fn partitions(brokers: &Brokers, topic: &str) -> anyhow::Result<Vec<i32>> {
-    let consumer = plain_consumer(brokers)?;
+    partitions_on(&plain_consumer(brokers)?, brokers, topic, KAFKA_TIMEOUT)
+}
+
+/// The partitions of a topic, sorted, through a client the caller keeps
+/// (`brokers` names them in errors).
+pub fn partitions_on(
+    consumer: &BaseConsumer,
+    brokers: &dyn std::fmt::Display,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<i32>> {
     let metadata = consumer
-        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
+        .fetch_metadata(Some(topic), timeout)
         .with_context(|| format!("cannot read metadata of topic {topic} from {brokers}"))?;
     let Some(topic_metadata) = metadata
         .topics()
@@ -93,7 +103,10 @@ pub fn partitions(brokers: &Brokers, topic: &str) -> anyhow::Result<Vec<i32>> {
         bail!("topic {topic} not found on {brokers}");
     };
     if let Some(error) = topic_metadata.error() {
-        bail!("topic {topic} on {brokers}: {error:?}");
+        bail!(
+            "topic {topic} on {brokers}: {}",
+            RDKafkaErrorCode::from(error)
+        );
     }
     let mut partitions: Vec<i32> = topic_metadata
         .partitions()
@@ -109,7 +122,7 @@ pub fn partitions(brokers: &Brokers, topic: &str) -> anyhow::Result<Vec<i32>> {
 pub fn end_offsets(brokers: &Brokers, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
     let consumer = plain_consumer(brokers)?;
     let mut ends = BTreeMap::new();
-    for partition in partitions(brokers, topic)? {
+    for partition in partitions_on(&consumer, brokers, topic, KAFKA_TIMEOUT)? {
         let (_, high) = consumer
             .fetch_watermarks(topic, partition, KAFKA_TIMEOUT)
             .with_context(|| format!("cannot read the end offset of {topic}/{partition}"))?;

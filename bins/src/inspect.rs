@@ -63,8 +63,17 @@ pub async fn checkpoint_offsets(
     group: &str,
     topic: &str,
 ) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let client = connect_postgres(postgres_url).await?;
-    if !table_exists(&client, "pipeline_checkpoints").await? {
+    checkpoint_offsets_on(&connect_postgres(postgres_url).await?, group, topic).await
+}
+
+/// [`checkpoint_offsets`] on a connection the caller keeps (empty when the
+/// table does not exist yet).
+pub async fn checkpoint_offsets_on(
+    client: &tokio_postgres::Client,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    if !table_exists(client, "pipeline_checkpoints").await? {
         return Ok(BTreeMap::new());
     }
     let rows = client
@@ -72,7 +81,8 @@ pub async fn checkpoint_offsets(
             "SELECT partition, next_offset FROM pipeline_checkpoints WHERE consumer_group = $1 AND topic = $2",
             &[&group, &topic],
         )
-        .await?;
+        .await
+        .context("cannot read pipeline_checkpoints")?;
     Ok(rows
         .iter()
         .map(|row| (row.get::<_, i32>(0), row.get::<_, i64>(1)))

@@ -312,23 +312,7 @@ impl LagReader {
                 Some(stream_actors::storage::connect_postgres_within(url, READ_TIMEOUT).await?);
         }
         let client = self.postgres.as_ref().expect("connected above");
-        let query = async {
-            if !crate::inspect::table_exists(client, "pipeline_checkpoints").await? {
-                return Ok(BTreeMap::new());
-            }
-            let rows = client
-                .query(
-                    "SELECT partition, next_offset FROM pipeline_checkpoints WHERE consumer_group = $1 AND topic = $2",
-                    &[&self.group, &self.topic],
-                )
-                .await
-                .context("cannot read pipeline_checkpoints")?;
-            anyhow::Ok(
-                rows.iter()
-                    .map(|row| (row.get::<_, i32>(0), row.get::<_, i64>(1)))
-                    .collect(),
-            )
-        };
+        let query = crate::inspect::checkpoint_offsets_on(client, &self.group, &self.topic);
         tokio::time::timeout(READ_TIMEOUT, query)
             .await
             .map_err(|_| anyhow::anyhow!("postgres did not answer within {READ_TIMEOUT:?}"))?
@@ -343,20 +327,7 @@ fn read_kafka(
     group: &str,
     topic: &str,
 ) -> anyhow::Result<Vec<PartitionLag>> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), READ_TIMEOUT)
-        .with_context(|| format!("cannot read metadata of topic {topic} from {brokers}"))?;
-    let Some(topic_metadata) = metadata.topics().iter().find(|found| found.name() == topic) else {
-        anyhow::bail!("topic {topic} not found on {brokers}");
-    };
-    if let Some(error) = topic_metadata.error() {
-        anyhow::bail!(
-            "topic {topic} on {brokers}: {}",
-            rdkafka::types::RDKafkaErrorCode::from(error)
-        );
-    }
-    let mut ids: Vec<i32> = topic_metadata.partitions().iter().map(|p| p.id()).collect();
-    ids.sort_unstable();
+    let ids = stream_actors::topic::partitions_on(consumer, &brokers, topic, READ_TIMEOUT)?;
     let mut wanted = TopicPartitionList::new();
     for partition in &ids {
         wanted.add_partition(topic, *partition);
