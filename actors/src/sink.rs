@@ -433,8 +433,7 @@ async fn connected<'a>(
 ) -> Result<&'a PostgresEvents, PipelineError> {
     if slot.is_none() {
         *slot = Some(
-            PostgresEvents::connect(&config.postgres_url, config.dedup, config.service_timeout)
-                .await?,
+            PostgresEvents::connect(config).await?,
         );
     }
     Ok(slot.as_ref().expect("connected above"))
@@ -480,12 +479,7 @@ impl Actor for SinkActor {
         for store in ["postgres", "clickhouse"] {
             metrics::counter!(names::SINK_RETRIES, "store" => store).increment(0);
         }
-        let postgres = PostgresEvents::connect(
-            &args.config.postgres_url,
-            args.config.dedup,
-            args.config.service_timeout,
-        )
-        .await?;
+        let postgres = PostgresEvents::connect(&args.config).await?;
         let clickhouse = ClickHouseEvents::connect(&args.config).await?;
         Ok(SinkState {
             buffer: Vec::with_capacity(args.config.batch_size),

@@ -8,6 +8,12 @@
 //!   rows with the same `event_id` collapse into one on merge, and
 //!   `SELECT count() FROM events FINAL` counts one row per `event_id` even
 //!   before the merge. Works on ClickHouse 18.16 and on current releases.
+//!
+//! Every row carries its source position: `source_topic`, `source_partition`,
+//! `source_offset`, so pipelines reading different topics can share the
+//! tables and each is audited on its own. Tables made before `source_topic`
+//! existed are migrated at connect ([`migrate_postgres_source_topic`],
+//! and the ClickHouse half in [`ClickHouseEvents::connect`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -95,6 +101,7 @@ pub fn events_ddl(dedup: bool) -> String {
             amount DOUBLE PRECISION NOT NULL,
             ts_ms BIGINT NOT NULL,
             schema_version INTEGER NOT NULL,
+            source_topic TEXT NOT NULL,
             source_partition INTEGER NOT NULL,
             source_offset BIGINT NOT NULL,
             stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
@@ -195,6 +202,76 @@ pub async fn ensure_table(client: &Client, table: &str, ddl: &str) -> Result<boo
     }
 }
 
+/// Gives a PostgreSQL `events` table made before rows carried their topic
+/// a `source_topic` column, its existing rows attributed to
+/// `existing_rows_topic` (a Kafka topic name, checked here), then made NOT
+/// NULL; in one transaction under the DDL advisory lock. Returns how many
+/// rows it attributed, or None when the column was there (no DDL run, so a
+/// role that may only read and write passes). A role that may not alter the
+/// table gets an error that says to migrate as the owner.
+pub async fn migrate_postgres_source_topic(
+    client: &Client,
+    existing_rows_topic: &str,
+) -> Result<Option<u64>, PipelineError> {
+    let has_column = |client: &Client| async move {
+        client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name = 'events' AND column_name = 'source_topic')",
+                &[],
+            )
+            .await
+            .map(|row| row.get::<_, bool>(0))
+            .map_err(PipelineError::postgres("look up events.source_topic"))
+    };
+    if has_column(client).await? {
+        return Ok(None);
+    }
+    if !is_topic_name(existing_rows_topic) {
+        return Err(PipelineError::Config {
+            setting: "the topic for existing rows",
+            reason: format!("{existing_rows_topic:?} is not a Kafka topic name"),
+        });
+    }
+    let migrated = client
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(7242026);
+             ALTER TABLE events ADD COLUMN IF NOT EXISTS source_topic TEXT;
+             UPDATE events SET source_topic = '{existing_rows_topic}' WHERE source_topic IS NULL;
+             ALTER TABLE events ALTER COLUMN source_topic SET NOT NULL;
+             COMMIT;"
+        ))
+        .await;
+    if let Err(source) = migrated {
+        let _ = client.batch_execute("ROLLBACK").await;
+        let refused =
+            source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE);
+        let context = if refused {
+            "table events has no source_topic column (made by an older version) and this role may not add it: run `streamctl db migrate --existing-rows-topic TOPIC` with the owner's --postgres-url first".to_string()
+        } else {
+            "add source_topic to events".to_string()
+        };
+        return Err(PipelineError::Postgres { context, source });
+    }
+    let attributed = client
+        .query_one(
+            "SELECT count(*) FROM events WHERE source_topic = $1",
+            &[&existing_rows_topic],
+        )
+        .await
+        .map_err(PipelineError::postgres("count the migrated rows"))?
+        .get::<_, i64>(0);
+    Ok(Some(attributed as u64))
+}
+
+/// Kafka's rule for a topic name: 1 to 249 of `a-z A-Z 0-9 . _ -`.
+pub fn is_topic_name(name: &str) -> bool {
+    (1..=249).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 /// A connection string fit for a log line or an error: the password of a
 /// URL's user info, any `password`/`sslpassword` query parameter, and the
 /// `password=` of a `key=value` PostgreSQL string are replaced by `***`.
@@ -280,6 +357,8 @@ fn redact_key_values(text: &str, secret_keys: &[&str]) -> String {
 pub struct PostgresEvents {
     /// A dedicated connection; the sink writes one batch at a time.
     client: Client,
+    /// The topic the rows come from (`source_topic`).
+    topic: String,
     /// Whether `event_id` is unique (see [`PipelineConfig::dedup`]).
     dedup: bool,
     /// The longest one statement may take.
@@ -287,18 +366,24 @@ pub struct PostgresEvents {
 }
 
 impl PostgresEvents {
-    /// Connects and creates the table if it is missing; every call is
-    /// bounded by `timeout`.
-    pub async fn connect(
-        url: &str,
-        dedup: bool,
-        timeout: Duration,
-    ) -> Result<PostgresEvents, PipelineError> {
-        let client = connect_postgres_within(url, timeout).await?;
-        ensure_table(&client, "events", &events_ddl(dedup)).await?;
+    /// Connects and creates the table if it is missing (or migrates one
+    /// without `source_topic`, its rows attributed to this pipeline's
+    /// topic, with a warning); every call is bounded by the service timeout.
+    pub async fn connect(config: &PipelineConfig) -> Result<PostgresEvents, PipelineError> {
+        let timeout = config.service_timeout;
+        let client = connect_postgres_within(&config.postgres_url, timeout).await?;
+        ensure_table(&client, "events", &events_ddl(config.dedup)).await?;
+        if let Some(rows) = migrate_postgres_source_topic(&client, &config.topic).await? {
+            tracing::warn!(
+                rows,
+                topic = %config.topic,
+                "postgres: events had no source_topic (made by an older version): added it; its existing rows are attributed to this pipeline's topic"
+            );
+        }
         Ok(PostgresEvents {
             client,
-            dedup,
+            topic: config.topic.clone(),
+            dedup: config.dedup,
             timeout,
         })
     }
@@ -327,8 +412,8 @@ impl PostgresEvents {
         } else {
             ""
         };
-        let statement = format!("INSERT INTO events (event_id, event_type, user_id, amount, ts_ms, schema_version, source_partition, source_offset)
-                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::int8[], $6::int4[], $7::int4[], $8::int8[])
+        let statement = format!("INSERT INTO events (event_id, event_type, user_id, amount, ts_ms, schema_version, source_partition, source_offset, source_topic)
+                 SELECT *, $9::text FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::int8[], $6::int4[], $7::int4[], $8::int8[])
                  {on_conflict}");
         let what = describe_batch(records);
         within(self.timeout, "postgres", &what, async {
@@ -344,6 +429,7 @@ impl PostgresEvents {
                         &schema_versions,
                         &partitions,
                         &offsets,
+                        &self.topic,
                     ],
                 )
                 .await
@@ -359,9 +445,9 @@ impl PostgresEvents {
         within(self.timeout, "postgres", "delete refused records", async {
             self.client
                 .execute(
-                    "DELETE FROM events WHERE (source_partition, source_offset) IN
+                    "DELETE FROM events WHERE source_topic = $3 AND (source_partition, source_offset) IN
                      (SELECT * FROM UNNEST($1::int4[], $2::int8[]))",
-                    &[&partitions, &offsets],
+                    &[&partitions, &offsets, &self.topic],
                 )
                 .await
                 .map_err(PipelineError::postgres("delete refused records"))
@@ -400,6 +486,7 @@ struct ClickHouseEventRow<'a> {
     amount: f64,
     ts_ms: i64,
     schema_version: u32,
+    source_topic: &'a str,
     source_partition: i32,
     source_offset: i64,
 }
@@ -408,6 +495,8 @@ struct ClickHouseEventRow<'a> {
 pub struct ClickHouseEvents {
     /// HTTP client bound to the configured database.
     client: clickhouse::Client,
+    /// The topic the rows come from (`source_topic`).
+    topic: String,
     /// The longest one call may take.
     timeout: Duration,
 }
@@ -459,6 +548,7 @@ impl ClickHouseEvents {
                     amount Float64,
                     ts_ms Int64,
                     schema_version UInt32,
+                    source_topic String,
                     source_partition Int32,
                     source_offset Int64,
                     stored_at DateTime DEFAULT now()
@@ -493,7 +583,63 @@ impl ClickHouseEvents {
             })
         })
         .await?;
-        Ok(ClickHouseEvents { client, timeout })
+        let events = ClickHouseEvents {
+            client,
+            topic: config.topic.clone(),
+            timeout,
+        };
+        within(
+            timeout,
+            "clickhouse",
+            "add source_topic to events",
+            events.migrate_source_topic(),
+        )
+        .await?;
+        Ok(events)
+    }
+
+    /// Gives a table made before rows carried their topic a `source_topic`
+    /// column whose default is this pipeline's topic: ClickHouse computes a
+    /// default when it reads a part written without the column, so the
+    /// existing rows read as this topic (with a warning), and every insert
+    /// names its topic. Another processor adding it first is not an error.
+    async fn migrate_source_topic(&self) -> Result<(), PipelineError> {
+        let has_column = || async {
+            self.client
+                .query("SELECT count() FROM system.columns WHERE database = currentDatabase() AND table = 'events' AND name = 'source_topic'")
+                .fetch_one::<u64>()
+                .await
+                .map(|count| count > 0)
+                .map_err(PipelineError::clickhouse("look up events.source_topic"))
+        };
+        if has_column().await? {
+            return Ok(());
+        }
+        if !is_topic_name(&self.topic) {
+            return Err(PipelineError::Config {
+                setting: "--topic",
+                reason: format!("{:?} is not a Kafka topic name", self.topic),
+            });
+        }
+        let added = self
+            .client
+            .query(&format!(
+                "ALTER TABLE events ADD COLUMN source_topic String DEFAULT '{}' AFTER schema_version",
+                self.topic
+            ))
+            .execute()
+            .await;
+        match added {
+            Ok(()) => {
+                tracing::warn!(
+                    topic = %self.topic,
+                    "clickhouse: events had no source_topic (made by an older version): added it; its existing rows read as this pipeline's topic"
+                );
+                Ok(())
+            }
+            Err(_) if has_column().await? => Ok(()),
+            Err(error) => Err(PipelineError::clickhouse("add source_topic to events")(error)),
+        }
     }
 
     /// Stores a batch in one INSERT, within the timeout.
@@ -523,6 +669,7 @@ impl ClickHouseEvents {
                 amount: record.event.amount,
                 ts_ms: record.event.ts_ms,
                 schema_version: record.event.schema_version,
+                source_topic: &self.topic,
                 source_partition: record.raw.position.partition,
                 source_offset: record.raw.position.offset,
             };
@@ -558,9 +705,10 @@ impl ClickHouseEvents {
             .collect();
         self.client
             .query(&format!(
-                "ALTER TABLE events DELETE WHERE (source_partition, source_offset) IN ({})",
+                "ALTER TABLE events DELETE WHERE source_topic = ? AND (source_partition, source_offset) IN ({})",
                 tuples.join(", ")
             ))
+            .bind(self.topic.as_str())
             .execute()
             .await
             .map_err(PipelineError::clickhouse("delete refused records"))?;

@@ -107,15 +107,15 @@ impl Audit {
 
 type Positions = HashMap<(i32, i64), u64>;
 
-async fn postgres_positions(postgres_url: &str) -> anyhow::Result<Positions> {
+async fn postgres_positions(postgres_url: &str, topic: &str) -> anyhow::Result<Positions> {
     let client = connect_postgres(postgres_url).await?;
     if !crate::inspect::table_exists(&client, "events").await? {
         return Ok(Positions::new());
     }
     let rows = client
         .query(
-            "SELECT source_partition, source_offset, count(*) FROM events GROUP BY 1, 2",
-            &[],
+            "SELECT source_partition, source_offset, count(*) FROM events WHERE source_topic = $1 GROUP BY 1, 2",
+            &[&topic],
         )
         .await
         .context("cannot count PostgreSQL rows by source position")?;
@@ -152,8 +152,9 @@ async fn clickhouse_positions(connections: &ConnectionArgs) -> anyhow::Result<Po
     };
     let rows: Vec<(i32, i64, u64)> = client
         .query(&format!(
-            "SELECT source_partition, source_offset, count() FROM {from} GROUP BY source_partition, source_offset"
+            "SELECT source_partition, source_offset, count() FROM {from} WHERE source_topic = ? GROUP BY source_partition, source_offset"
         ))
+        .bind(connections.topic.as_str())
         .fetch_all()
         .await
         .context("cannot count ClickHouse rows by source position")?;
@@ -188,7 +189,7 @@ pub async fn audit(connections: &ConnectionArgs) -> anyhow::Result<Audit> {
     let records =
         tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, Duration::from_secs(600)))
             .await??;
-    let postgres = postgres_positions(&connections.postgres_url).await?;
+    let postgres = postgres_positions(&connections.postgres_url, &connections.topic).await?;
     let clickhouse = clickhouse_positions(connections).await?;
     let dlq_connections = connections.clone();
     let dead_letters =

@@ -4,7 +4,9 @@
 //! role that may only read and write these tables.
 
 use anyhow::Context;
-use stream_actors::storage::{connect_postgres, ensure_table, postgres_tables};
+use stream_actors::storage::{
+    connect_postgres, ensure_table, migrate_postgres_source_topic, postgres_tables,
+};
 
 use crate::config::{invalid, ConfigError, LOCAL_POSTGRES_URL};
 
@@ -30,6 +32,11 @@ pub struct MigrateArgs {
     /// sqs-consumer connect as.
     #[arg(long, env = "DB_GRANT_TO")]
     pub grant_to: Option<String>,
+    /// The topic the rows of an `events` table made by an older version
+    /// (without `source_topic`) came from: the migration attributes them to
+    /// it. Unused when the table has the column.
+    #[arg(long, env = "DB_EXISTING_ROWS_TOPIC", default_value = "events")]
+    pub existing_rows_topic: String,
 }
 
 impl MigrateArgs {
@@ -37,6 +44,16 @@ impl MigrateArgs {
     /// as PostgreSQL folds an unquoted name).
     pub fn validate(&self) -> Result<(), ConfigError> {
         crate::config::validate_postgres_url(&self.postgres_url)?;
+        if !stream_actors::storage::is_topic_name(&self.existing_rows_topic) {
+            return Err(invalid(
+                "--existing-rows-topic",
+                "DB_EXISTING_ROWS_TOPIC",
+                format!(
+                    "{:?} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)",
+                    self.existing_rows_topic
+                ),
+            ));
+        }
         if let Some(role) = &self.grant_to {
             let valid = role.len() <= 63
                 && role.starts_with(|first: char| first.is_ascii_lowercase() || first == '_')
@@ -64,6 +81,14 @@ pub async fn migrate(arguments: &MigrateArgs) -> anyhow::Result<()> {
         println!(
             "table {table}: {}",
             if created { "created" } else { "exists" }
+        );
+    }
+    if let Some(rows) =
+        migrate_postgres_source_topic(&client, &arguments.existing_rows_topic).await?
+    {
+        println!(
+            "table events: added source_topic; {rows} existing rows attributed to topic {}",
+            arguments.existing_rows_topic
         );
     }
     if let Some(role) = &arguments.grant_to {

@@ -129,8 +129,9 @@ pub struct PostgresCounts {
     pub distinct_event_ids: i64,
 }
 
-/// Counts the PostgreSQL `events` table (zero if it does not exist yet).
-pub async fn postgres_counts(postgres_url: &str) -> anyhow::Result<PostgresCounts> {
+/// Counts the PostgreSQL `events` rows from `topic` (zero if the table does
+/// not exist yet).
+pub async fn postgres_counts(postgres_url: &str, topic: &str) -> anyhow::Result<PostgresCounts> {
     let client = connect_postgres(postgres_url).await?;
     if !table_exists(&client, "events").await? {
         return Ok(PostgresCounts {
@@ -139,7 +140,10 @@ pub async fn postgres_counts(postgres_url: &str) -> anyhow::Result<PostgresCount
         });
     }
     let row = client
-        .query_one("SELECT count(*), count(DISTINCT event_id) FROM events", &[])
+        .query_one(
+            "SELECT count(*), count(DISTINCT event_id) FROM events WHERE source_topic = $1",
+            &[&topic],
+        )
         .await?;
     Ok(PostgresCounts {
         rows: row.get(0),
@@ -158,7 +162,8 @@ pub struct ClickHouseCounts {
     pub distinct_event_ids: u64,
 }
 
-/// Counts the ClickHouse `events` table (zero if it does not exist yet).
+/// Counts the ClickHouse `events` rows from `config.topic` (zero if the
+/// table does not exist yet).
 pub async fn clickhouse_counts(config: &PipelineConfig) -> anyhow::Result<ClickHouseCounts> {
     let client = ClickHouseEvents::client(config)?;
     let exists: u8 = client
@@ -178,18 +183,16 @@ pub async fn clickhouse_counts(config: &PipelineConfig) -> anyhow::Result<ClickH
             distinct_event_ids: 0,
         });
     }
-    let raw_rows: u64 = client
-        .query("SELECT count() FROM events")
-        .fetch_one()
-        .await?;
-    let final_rows: u64 = client
-        .query("SELECT count() FROM events FINAL")
-        .fetch_one()
-        .await?;
-    let distinct_event_ids: u64 = client
-        .query("SELECT uniqExact(event_id) FROM events")
-        .fetch_one()
-        .await?;
+    let count = |query: &str| {
+        client
+            .query(query)
+            .bind(config.topic.as_str())
+            .fetch_one::<u64>()
+    };
+    let raw_rows = count("SELECT count() FROM events WHERE source_topic = ?").await?;
+    let final_rows = count("SELECT count() FROM events FINAL WHERE source_topic = ?").await?;
+    let distinct_event_ids =
+        count("SELECT uniqExact(event_id) FROM events WHERE source_topic = ?").await?;
     Ok(ClickHouseCounts {
         raw_rows,
         final_rows,

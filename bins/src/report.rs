@@ -132,7 +132,7 @@ pub async fn gather(connections: &ConnectionArgs) -> anyhow::Result<Report> {
         &connections.topic,
     )
     .await?;
-    let postgres = inspect::postgres_counts(&connections.postgres_url).await?;
+    let postgres = inspect::postgres_counts(&connections.postgres_url, &connections.topic).await?;
     let clickhouse = inspect::clickhouse_counts(&connections.pipeline_config()?).await?;
     let dead_letters = crate::dlq::read_dead_letters(connections)?;
     let mut dead_lettered_by_type = BTreeMap::new();

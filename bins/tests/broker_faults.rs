@@ -54,7 +54,7 @@ async fn finish(
 
 /// Rows in the scratch PostgreSQL `events` table (0 before it exists).
 async fn stored(env: &TestEnv) -> i64 {
-    stream_bins::inspect::postgres_counts(&env.config.postgres_url)
+    stream_bins::inspect::postgres_counts(&env.config.postgres_url, &env.config.topic)
         .await
         .map(|counts| counts.rows)
         .unwrap_or(0)
@@ -110,7 +110,7 @@ async fn a_broker_down_then_up_mid_run_loses_and_duplicates_nothing() {
     let ledger = env.produce(20_000, 0.02, 41).await;
     let pipeline = start_pipeline(env.config.clone()).await.expect("pipeline");
     wait_until("some rows stored", Duration::from_secs(120), || async {
-        stream_bins::inspect::postgres_counts(&env.config.postgres_url)
+        stream_bins::inspect::postgres_counts(&env.config.postgres_url, &env.config.topic)
             .await
             .is_ok_and(|counts| counts.rows > 1_000)
     })

@@ -72,7 +72,7 @@ async fn replay_lands_fixed_records_once_and_never_loops_on_poison() {
         .unwrap();
     assert_eq!(replayed.published, unknown_version);
     run_until_caught_up(&env, vec![1, 99]).await;
-    let postgres = inspect::postgres_counts(&env.config.postgres_url)
+    let postgres = inspect::postgres_counts(&env.config.postgres_url, &env.config.topic)
         .await
         .unwrap();
     assert_eq!(postgres.rows as u64, ledger.valid + unknown_version);

@@ -30,7 +30,7 @@ async fn every_event_lands_exactly_once_in_the_sinks_or_the_dlq() {
     assert_eq!(pipeline.shutdown().await, PipelineExit::Stopped);
 
     // PostgreSQL: exactly the valid events, no duplicate event_id.
-    let postgres = inspect::postgres_counts(&env.config.postgres_url)
+    let postgres = inspect::postgres_counts(&env.config.postgres_url, &env.config.topic)
         .await
         .unwrap();
     assert_eq!(postgres.rows, ledger.valid as i64);
@@ -202,7 +202,7 @@ async fn a_burst_through_tiny_mailboxes_never_exceeds_capacity_and_all_arrives()
     assert!(samples > 0);
     assert_eq!(pipeline.shutdown().await, PipelineExit::Stopped);
 
-    let postgres = inspect::postgres_counts(&env.config.postgres_url)
+    let postgres = inspect::postgres_counts(&env.config.postgres_url, &env.config.topic)
         .await
         .unwrap();
     assert_eq!(postgres.rows, ledger.valid as i64);

@@ -15,7 +15,7 @@ use stream_supervisor::{start_pipeline_with, KillMode, PipelineExit, RestartPoli
 
 /// Rows in the scratch PostgreSQL `events` table (0 before it exists).
 async fn stored(env: &TestEnv) -> i64 {
-    stream_bins::inspect::postgres_counts(&env.config.postgres_url)
+    stream_bins::inspect::postgres_counts(&env.config.postgres_url, &env.config.topic)
         .await
         .map(|counts| counts.rows)
         .unwrap_or(0)
