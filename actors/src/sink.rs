@@ -432,9 +432,7 @@ async fn connected<'a>(
     config: &PipelineConfig,
 ) -> Result<&'a PostgresEvents, PipelineError> {
     if slot.is_none() {
-        *slot = Some(
-            PostgresEvents::connect(config).await?,
-        );
+        *slot = Some(PostgresEvents::connect(config).await?);
     }
     Ok(slot.as_ref().expect("connected above"))
 }

@@ -213,18 +213,16 @@ pub async fn migrate_postgres_source_topic(
     client: &Client,
     existing_rows_topic: &str,
 ) -> Result<Option<u64>, PipelineError> {
-    let has_column = |client: &Client| async move {
-        client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM information_schema.columns
-                 WHERE table_schema = current_schema() AND table_name = 'events' AND column_name = 'source_topic')",
-                &[],
-            )
-            .await
-            .map(|row| row.get::<_, bool>(0))
-            .map_err(PipelineError::postgres("look up events.source_topic"))
-    };
-    if has_column(client).await? {
+    let has_column: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+             WHERE table_schema = current_schema() AND table_name = 'events' AND column_name = 'source_topic')",
+            &[],
+        )
+        .await
+        .map_err(PipelineError::postgres("look up events.source_topic"))?
+        .get(0);
+    if has_column {
         return Ok(None);
     }
     if !is_topic_name(existing_rows_topic) {
@@ -638,7 +636,9 @@ impl ClickHouseEvents {
                 Ok(())
             }
             Err(_) if has_column().await? => Ok(()),
-            Err(error) => Err(PipelineError::clickhouse("add source_topic to events")(error)),
+            Err(error) => Err(PipelineError::clickhouse("add source_topic to events")(
+                error,
+            )),
         }
     }
 

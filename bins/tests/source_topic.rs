@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{assert_clean, audit, clickhouse_url, create_topics, run_binary, unique_name, TestEnv};
+use common::{assert_clean, audit, create_topics, run_binary, unique_name, TestEnv};
 use stream_supervisor::start_pipeline;
 
 /// The `events` table as versions before `source_topic` made it.
@@ -22,6 +22,19 @@ const OLD_POSTGRES_EVENTS: &str = "CREATE TABLE events (
   INSERT INTO events (event_id, event_type, user_id, amount, ts_ms, schema_version, source_partition, source_offset) VALUES
     ('00000000-0000-4000-8000-000000000001', 'click', 'u1', 1.0, 0, 1, 0, 900000),
     ('00000000-0000-4000-8000-000000000002', 'click', 'u2', 2.0, 0, 1, 1, 900000);";
+
+/// A PostgreSQL connection as the owner, after making the `events` table
+/// the way versions before `source_topic` did, with two rows.
+async fn old_postgres_table(env: &TestEnv) -> tokio_postgres::Client {
+    let owner = stream_actors::storage::connect_postgres(&env.config.postgres_url)
+        .await
+        .expect("postgres");
+    owner
+        .batch_execute(OLD_POSTGRES_EVENTS)
+        .await
+        .expect("old table");
+    owner
+}
 
 async fn postgres_rows_by_topic(env: &TestEnv) -> BTreeMap<String, i64> {
     let client = stream_actors::storage::connect_postgres(&env.config.postgres_url)
@@ -37,9 +50,7 @@ async fn postgres_rows_by_topic(env: &TestEnv) -> BTreeMap<String, i64> {
 }
 
 fn clickhouse(env: &TestEnv) -> clickhouse::Client {
-    clickhouse::Client::default()
-        .with_url(clickhouse_url())
-        .with_database(&env.config.clickhouse_database)
+    stream_actors::storage::ClickHouseEvents::client(&env.config).expect("clickhouse client")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,30 +76,52 @@ async fn two_pipelines_share_the_tables_and_each_topic_reconciles_alone() {
     second_pipeline.shutdown().await;
 
     let by_topic = postgres_rows_by_topic(&first).await;
-    assert_eq!(by_topic.get(&first.config.topic), Some(&(first_ledger.valid as i64)), "{by_topic:?}");
-    assert_eq!(by_topic.get(&second.config.topic), Some(&(second_ledger.valid as i64)), "{by_topic:?}");
+    assert_eq!(
+        by_topic.get(&first.config.topic),
+        Some(&(first_ledger.valid as i64)),
+        "{by_topic:?}"
+    );
+    assert_eq!(
+        by_topic.get(&second.config.topic),
+        Some(&(second_ledger.valid as i64)),
+        "{by_topic:?}"
+    );
     for (env, ledger) in [(&first, &first_ledger), (&second, &second_ledger)] {
         assert_clean(&audit(env).await, ledger);
         let report = stream_bins::report::gather(&env.connections())
             .await
             .expect("report");
         assert!(report.accounted_for(), "{}", report.render());
-        assert_eq!(report.postgres_rows, ledger.valid as i64, "{}", report.render());
-        assert_eq!(report.clickhouse_final_rows, ledger.valid, "{}", report.render());
+        assert_eq!(
+            report.postgres_rows,
+            ledger.valid as i64,
+            "{}",
+            report.render()
+        );
+        assert_eq!(
+            report.clickhouse_final_rows,
+            ledger.valid,
+            "{}",
+            report.render()
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn db_migrate_attributes_an_older_tables_rows_to_the_topic_it_is_given() {
     let env = TestEnv::new("migrate_topic", 2).await;
-    let owner = stream_actors::storage::connect_postgres(&env.config.postgres_url)
-        .await
-        .expect("postgres");
-    owner.batch_execute(OLD_POSTGRES_EVENTS).await.expect("old table");
+    let owner = old_postgres_table(&env).await;
     let migrate = |topic: &str| {
         run_binary(
             env!("CARGO_BIN_EXE_streamctl"),
-            &["db", "migrate", "--postgres-url", &env.config.postgres_url, "--existing-rows-topic", topic],
+            &[
+                "db",
+                "migrate",
+                "--postgres-url",
+                &env.config.postgres_url,
+                "--existing-rows-topic",
+                topic,
+            ],
             &[],
             Duration::from_secs(60),
         )
@@ -99,9 +132,15 @@ async fn db_migrate_attributes_an_older_tables_rows_to_the_topic_it_is_given() {
 
     let output = migrate("legacy.events");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
     assert!(
-        stdout.contains("table events: added source_topic; 2 existing rows attributed to topic legacy.events"),
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "table events: added source_topic; 2 existing rows attributed to topic legacy.events"
+        ),
         "{stdout}"
     );
     assert_eq!(
@@ -126,10 +165,7 @@ async fn db_migrate_attributes_an_older_tables_rows_to_the_topic_it_is_given() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_processor_migrates_older_tables_to_its_own_topic() {
     let env = TestEnv::new("legacy_tables", 2).await;
-    let owner = stream_actors::storage::connect_postgres(&env.config.postgres_url)
-        .await
-        .expect("postgres");
-    owner.batch_execute(OLD_POSTGRES_EVENTS).await.expect("old table");
+    old_postgres_table(&env).await;
     let clickhouse = clickhouse(&env);
     clickhouse
         .query(
