@@ -36,7 +36,7 @@ help:
 	@echo "make k3d-down    delete the cluster"
 	@echo "make render      print the rendered manifests"
 	@echo "make check       offline checks (scripts/check-k8s.sh)"
-	@echo "make bench       issue 7's benchmarks on the local services (cargo run -p bench --release; BENCH_ARGS=... passes flags)"
+	@echo "make bench       issue 7's benchmarks and issue 14's peers on the local services (cargo run -p bench --release; BENCH_ARGS=... passes flags)"
 
 print-image:
 	@echo $(IMAGE)
@@ -93,9 +93,12 @@ k3d-down:
 check: secrets
 	bash scripts/check-k8s.sh
 
-# Issue 7's benchmarks, side by side on the local services (scripts/services.sh up):
-# a Markdown table on stdout, bench.md, bench.png and RSS CSVs in target/bench/.
-# Smaller run: make bench BENCH_ARGS="--events 100000 --memory-events 200000"
+# Issue 7's benchmarks and issue 14's peers (Kafka Connect + Debezium JDBC sink,
+# resolved by Maven on the first run), side by side on the local services
+# (scripts/services.sh up): a Markdown table on stdout, bench.md, bench.png and
+# RSS CSVs in target/bench/.
+# Smaller run: make bench BENCH_ARGS="--events 100000 --memory-events 200000 --peers-events 200000"
+# Without the peers: make bench BENCH_ARGS=--skip-peers
 BENCH_ARGS ?=
 bench:
 	cargo run -p bench --release -- $(BENCH_ARGS)

@@ -213,6 +213,7 @@ pub async fn run(
         seed,
         producers: 2,
         progress: false,
+        format: loadgen::ValueFormat::Json,
     };
 
     eprintln!("bench: latency: warm-up, 3 s at {rate}/s");

@@ -13,7 +13,10 @@
 //! 4. memory: the processor binary draining a backlog, bounded mailboxes
 //!    against a lifted bound, RSS sampled over time.
 //!
-//! 5. recovery: [`recovery::recovery_rows`] (SIGKILL and actor kill).
+//! 5. recovery: [`recovery::recovery_rows`] (SIGKILL and actor kill);
+//! 6. dlq-restart: an actor restart with a large dead-letter topic;
+//! 7. peers (issue 14): the processor binary beside Kafka Connect with
+//!    Debezium's JDBC sink, 1M events each ([`peers`]; `--skip-peers`).
 //!
 //! Prints a Markdown table on stdout (progress on stderr), and writes
 //! `bench.md`, `bench.png` and the RSS samples as CSV into `--out`. Exits 1
@@ -25,6 +28,7 @@ mod dlq_restart;
 mod latency;
 mod memory;
 mod parser;
+mod peers;
 mod python;
 mod recovery;
 mod table;
@@ -64,6 +68,9 @@ enum Phase {
     Recovery,
     /// An actor restart with an empty and with a large dead-letter topic.
     DlqRestart,
+    /// The pipeline beside what users pick instead (Kafka Connect's JDBC
+    /// sink), on the same broker and PostgreSQL.
+    Peers,
 }
 
 /// Issue 7's benchmarks, side by side on the local services.
@@ -119,9 +126,16 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "parser,throughput,latency,memory,recovery,dlq-restart"
+        default_value = "parser,throughput,latency,memory,recovery,dlq-restart,peers"
     )]
     only: Vec<Phase>,
+    /// Skip the peers phase (its first run resolves Kafka Connect and the
+    /// JDBC sink connector from Maven Central).
+    #[arg(long)]
+    skip_peers: bool,
+    /// Events in each peer's topic.
+    #[arg(long, default_value_t = 1_000_000)]
+    peers_events: u64,
 }
 
 /// The workspace root (this crate's parent directory).
@@ -203,6 +217,8 @@ struct Results {
     failures: Vec<String>,
     throughput_bars: Vec<(String, f64)>,
     memory: Vec<(memory::Scenario, memory::MemoryRun, memory::MemoryRun)>,
+    /// The peers table (Markdown), when that phase ran.
+    peers: Option<String>,
 }
 
 fn parser_rows(results: &mut Results, parsed: &[parser::ParserResult]) {
@@ -473,7 +489,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     std::fs::create_dir_all(&out)?;
     preflight()?;
     let capture = latency::install_recorder()?;
-    let wants = |phase: Phase| args.only.contains(&phase);
+    let wants =
+        |phase: Phase| args.only.contains(&phase) && !(phase == Phase::Peers && args.skip_peers);
     let mut results = Results::default();
 
     if wants(Phase::Parser) {
@@ -543,7 +560,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
 
-    let processor = if wants(Phase::Memory) || wants(Phase::Recovery) || wants(Phase::DlqRestart) {
+    let processor = if wants(Phase::Memory)
+        || wants(Phase::Recovery)
+        || wants(Phase::DlqRestart)
+        || wants(Phase::Peers)
+    {
         match &args.processor {
             Some(path) => Some(path.clone()),
             None => match memory::build_processor(&root) {
@@ -620,6 +641,23 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
 
+    if let Some(processor) = processor.clone().filter(|_| wants(Phase::Peers)) {
+        let (root, events, logs) = (root.clone(), args.peers_events, out.clone());
+        match guarded(async move { peers::run(&processor, &root, events, &logs).await }).await {
+            Ok(measured) => {
+                results.peers = Some(peers::render(&measured.runs, &measured.expected));
+                results.rows.extend(peers::target_rows(&measured.runs));
+                results.failures.extend(
+                    measured
+                        .failures
+                        .into_iter()
+                        .map(|failure| format!("peers: {failure}")),
+                );
+            }
+            Err(error) => results.failures.push(format!("peers: {error:#}")),
+        }
+    }
+
     if let Some(processor) = processor.filter(|_| wants(Phase::Recovery)) {
         match guarded(async move { recovery::recovery_rows(&processor).await }).await {
             Ok(rows) if rows.is_empty() => results.notes.push(
@@ -633,6 +671,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     let mut report = table::render(&results.rows);
     report.push_str("\n\n");
+    if let Some(peers) = &results.peers {
+        writeln!(report, "Peers side by side:\n\n{peers}\n")?;
+    }
     for note in &results.notes {
         writeln!(report, "- {note}")?;
     }

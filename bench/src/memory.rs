@@ -107,7 +107,7 @@ impl MemoryRun {
 }
 
 /// `VmRSS` of `pid` in MB, or `None` once the process is gone.
-fn rss_mb(pid: u32) -> Option<f64> {
+pub(crate) fn rss_mb(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     let kilobytes: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -147,7 +147,7 @@ pub(crate) fn scrape_max(body: &str, name: &str) -> Option<f64> {
 }
 
 /// Sends SIGTERM, waits up to 60 s for the drain and exit, kills otherwise.
-fn terminate(child: &mut Child) -> anyhow::Result<std::process::ExitStatus> {
+pub(crate) fn terminate(child: &mut Child) -> anyhow::Result<std::process::ExitStatus> {
     let pid = child.id() as libc::pid_t;
     // SAFETY: kill(2) on the pid of a child this process spawned and has not reaped.
     unsafe {
@@ -162,7 +162,7 @@ fn terminate(child: &mut Child) -> anyhow::Result<std::process::ExitStatus> {
     }
     child.kill()?;
     let status = child.wait()?;
-    anyhow::bail!("processor did not exit within 60 s of SIGTERM (killed: {status})")
+    anyhow::bail!("pid {pid} did not exit within 60 s of SIGTERM (killed: {status})")
 }
 
 /// Drains the backlog of `env` with `processor` at `capacity`.

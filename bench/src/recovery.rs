@@ -197,6 +197,7 @@ async fn round(processor: &Path, index: usize, log: &Path) -> anyhow::Result<Rou
                 seed: 800 + index as u64,
                 producers: 1,
                 progress: false,
+                format: loadgen::ValueFormat::Json,
             })
             .await
         })

@@ -261,6 +261,7 @@ impl TestEnv {
             seed,
             producers: 2,
             progress: false,
+            format: loadgen::ValueFormat::Json,
         })
         .await
         .expect("loadgen run")
@@ -284,6 +285,7 @@ impl TestEnv {
             seed,
             producers: 2,
             progress: false,
+            format: loadgen::ValueFormat::Json,
         };
         tokio::spawn(async move { loadgen::run(&config).await.expect("loadgen run") })
     }

@@ -97,6 +97,7 @@ async fn the_pipeline_runs_end_to_end_over_sasl_ssl() {
         seed: 12,
         producers: 2,
         progress: false,
+        format: loadgen::ValueFormat::Json,
     })
     .await
     .expect("loadgen over SASL_SSL");
@@ -214,6 +215,7 @@ async fn loadgen_and_streamctl_refuse_a_wrong_password_naming_the_setting() {
         seed: 1,
         producers: 1,
         progress: false,
+        format: loadgen::ValueFormat::Json,
     })
     .await
     .expect_err("a wrong password is refused");
@@ -241,6 +243,7 @@ async fn a_topic_or_group_the_processor_may_not_use_is_refused_at_start_and_noth
         seed: 41,
         producers: 1,
         progress: false,
+        format: loadgen::ValueFormat::Json,
     })
     .await
     .expect("loadgen");

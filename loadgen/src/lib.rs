@@ -75,6 +75,56 @@ impl PoisonKind {
     }
 }
 
+/// How a record's value is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ValueFormat {
+    /// The event's JSON, as the pipeline reads it.
+    #[default]
+    Json,
+    /// Kafka Connect's `JsonConverter` envelope (`schemas.enable=true`):
+    /// `{"schema": <the event's struct schema>, "payload": <the event>}`, for
+    /// sinks that need a schema (JDBC sink connectors). The same records:
+    /// poison that is a JSON object goes in the same envelope (the converter
+    /// or the sink decides what to do with it); malformed JSON goes as it is.
+    ConnectJson,
+}
+
+/// The event's schema in Kafka Connect's JSON form: every field required.
+pub const CONNECT_EVENT_SCHEMA: &str = concat!(
+    r#"{"type":"struct","name":"events","optional":false,"fields":["#,
+    r#"{"field":"event_id","type":"string","optional":false},"#,
+    r#"{"field":"event_type","type":"string","optional":false},"#,
+    r#"{"field":"user_id","type":"string","optional":false},"#,
+    r#"{"field":"amount","type":"double","optional":false},"#,
+    r#"{"field":"ts","type":"int64","optional":false},"#,
+    r#"{"field":"schema_version","type":"int32","optional":false}]}"#
+);
+
+impl ValueFormat {
+    /// The value to send for `payload` (loadgen's JSON form of a record).
+    pub fn encode(self, payload: Vec<u8>) -> Vec<u8> {
+        match self {
+            ValueFormat::Json => payload,
+            ValueFormat::ConnectJson => {
+                let is_object =
+                    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&payload)
+                        .is_ok();
+                if !is_object {
+                    return payload;
+                }
+                let mut envelope =
+                    Vec::with_capacity(payload.len() + CONNECT_EVENT_SCHEMA.len() + 24);
+                envelope.extend_from_slice(br#"{"schema":"#);
+                envelope.extend_from_slice(CONNECT_EVENT_SCHEMA.as_bytes());
+                envelope.extend_from_slice(br#","payload":"#);
+                envelope.extend_from_slice(&payload);
+                envelope.push(b'}');
+                envelope
+            }
+        }
+    }
+}
+
 /// What to send.
 #[derive(Debug, Clone)]
 pub struct LoadgenConfig {
@@ -94,6 +144,8 @@ pub struct LoadgenConfig {
     pub producers: usize,
     /// Print progress to stderr about once a second.
     pub progress: bool,
+    /// How each record's value is written.
+    pub format: ValueFormat,
 }
 
 /// Why a run failed.
@@ -220,6 +272,32 @@ pub fn generate_record(rng: &mut StdRng, poison_rate: f64, now_ms: i64) -> Gener
     }
 }
 
+/// Each producer actor's share of a run: (records, RNG seed).
+pub fn shares(config: &LoadgenConfig) -> Vec<(u64, u64)> {
+    let producers = config.producers.max(1) as u64;
+    (0..producers)
+        .map(|index| {
+            let share = config.count / producers + u64::from(index < config.count % producers);
+            let seed = config.seed.wrapping_mul(1_000_003).wrapping_add(index);
+            (share, seed)
+        })
+        .collect()
+}
+
+/// The records a run of `config` sends, actor by actor, as the actors make
+/// them (only the timestamps differ: they follow the clock): what a
+/// consumer of the topic should have stored and dead-lettered.
+pub fn planned_records(config: &LoadgenConfig) -> impl Iterator<Item = GeneratedRecord> + '_ {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or_default();
+    shares(config).into_iter().flat_map(move |(count, seed)| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..count).map(move |_| generate_record(&mut rng, config.poison_rate, now_ms))
+    })
+}
+
 /// What one producer actor delivered.
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
@@ -258,6 +336,8 @@ pub struct ProducerArgs {
     pub poison_rate: f64,
     /// Shared count of confirmed records, for progress output.
     pub delivered: Arc<AtomicU64>,
+    /// How each record's value is written.
+    pub format: ValueFormat,
 }
 
 /// A producer actor: sends its share and tallies deliveries.
@@ -343,7 +423,8 @@ async fn produce_share(state: &ProducerArgs, count: u64, rate: f64, seed: u64) -
             .duration_since(UNIX_EPOCH)
             .map(|elapsed| elapsed.as_millis() as i64)
             .unwrap_or_default();
-        let record = generate_record(&mut rng, state.poison_rate, now_ms);
+        let mut record = generate_record(&mut rng, state.poison_rate, now_ms);
+        record.payload = state.format.encode(std::mem::take(&mut record.payload));
         loop {
             let kafka_record = FutureRecord::to(&state.topic)
                 .key(record.key.as_str())
@@ -470,9 +551,7 @@ pub async fn run(config: &LoadgenConfig) -> Result<Ledger, LoadgenError> {
         .map_err(|error| LoadgenError::Actor(error.to_string()))?;
     let mut calls = Vec::new();
     let mut actors = Vec::new();
-    for index in 0..config.producers {
-        let share = config.count / config.producers as u64
-            + u64::from((index as u64) < config.count % config.producers as u64);
+    for (share, seed) in shares(config) {
         let (actor, handle) = Actor::spawn_linked(
             None,
             ProducerActor,
@@ -481,16 +560,13 @@ pub async fn run(config: &LoadgenConfig) -> Result<Ledger, LoadgenError> {
                 topic: config.topic.clone(),
                 poison_rate: config.poison_rate,
                 delivered: delivered.clone(),
+                format: config.format,
             },
             supervisor.get_cell(),
         )
         .await
         .map_err(|error| LoadgenError::Actor(error.to_string()))?;
         let rate = config.rate as f64 / config.producers as f64;
-        let seed = config
-            .seed
-            .wrapping_mul(1_000_003)
-            .wrapping_add(index as u64);
         let caller = actor.clone();
         calls.push(async move {
             caller
@@ -633,6 +709,81 @@ mod tests {
     }
 
     #[test]
+    fn the_connect_envelope_carries_the_same_event_and_leaves_malformed_json_alone() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut kinds = BTreeMap::new();
+        for _ in 0..20_000 {
+            let record = generate_record(&mut rng, 0.05, 1_700_000_000_000);
+            let encoded = ValueFormat::ConnectJson.encode(record.payload.clone());
+            *kinds.entry(record.poison).or_insert(0) += 1;
+            if record.poison == Some(PoisonKind::MalformedJson) {
+                assert_eq!(encoded, record.payload);
+                continue;
+            }
+            let envelope: serde_json::Value = serde_json::from_slice(&encoded).expect("json");
+            let original: serde_json::Value =
+                serde_json::from_slice(&record.payload).expect("json");
+            assert_eq!(envelope["payload"], original);
+            assert_eq!(
+                envelope["schema"],
+                serde_json::from_str::<serde_json::Value>(CONNECT_EVENT_SCHEMA).expect("schema")
+            );
+            if record.poison.is_none() {
+                // Every field of a valid event is in the schema, and the other way round.
+                let fields: Vec<&str> = envelope["schema"]["fields"]
+                    .as_array()
+                    .expect("fields")
+                    .iter()
+                    .map(|field| field["field"].as_str().expect("name"))
+                    .collect();
+                let mut keys: Vec<&str> = original
+                    .as_object()
+                    .expect("object")
+                    .keys()
+                    .map(String::as_str)
+                    .collect();
+                keys.sort_unstable();
+                let mut sorted = fields.clone();
+                sorted.sort_unstable();
+                assert_eq!(keys, sorted);
+            }
+        }
+        assert_eq!(kinds.len(), PoisonKind::ALL.len() + 1, "{kinds:?}");
+        assert_eq!(ValueFormat::Json.encode(b"{}".to_vec()), b"{}".to_vec());
+    }
+
+    #[test]
+    fn planned_records_are_the_same_whenever_they_are_made() {
+        let config = LoadgenConfig {
+            brokers: Brokers::plaintext("127.0.0.1:9092"),
+            topic: "events".into(),
+            count: 5_001,
+            rate: 0,
+            poison_rate: 0.05,
+            seed: 9,
+            producers: 3,
+            progress: false,
+            format: ValueFormat::Json,
+        };
+        assert_eq!(
+            shares(&config).iter().map(|(count, _)| count).sum::<u64>(),
+            5_001
+        );
+        let identity = |record: GeneratedRecord| {
+            let value: Option<serde_json::Value> = serde_json::from_slice(&record.payload).ok();
+            let event_id = value.and_then(|value| value["event_id"].as_str().map(str::to_string));
+            (event_id, record.poison)
+        };
+        let first: Vec<_> = planned_records(&config).map(identity).collect();
+        let second: Vec<_> = planned_records(&config).map(identity).collect();
+        assert_eq!(first.len(), 5_001);
+        assert_eq!(first, second);
+        // The first actor's records are its RNG's, in order.
+        let mut rng = StdRng::seed_from_u64(shares(&config)[0].1);
+        assert_eq!(first[0], identity(generate_record(&mut rng, 0.05, 1)));
+    }
+
+    #[test]
     fn bad_settings_name_the_flag() {
         let config = LoadgenConfig {
             brokers: Brokers::plaintext("127.0.0.1:9092"),
@@ -643,6 +794,7 @@ mod tests {
             seed: 0,
             producers: 2,
             progress: false,
+            format: ValueFormat::Json,
         };
         let error = config.validate().expect_err("invalid");
         assert!(error.to_string().contains("--poison-rate"));

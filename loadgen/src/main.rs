@@ -2,7 +2,7 @@
 //! to SQS with `loadgen sqs`), then prints the ledger as the last stdout line.
 
 use clap::{Parser, Subcommand};
-use loadgen::LoadgenConfig;
+use loadgen::{LoadgenConfig, ValueFormat};
 
 /// Send events (and poison) to Kafka; the last stdout line is a JSON ledger:
 /// {"sent","valid","poison","poison_by_kind","elapsed_s","rate"}.
@@ -41,6 +41,12 @@ struct Flags {
     /// Producer actors sharing the work (1..=64).
     #[arg(long, env = "LOADGEN_PRODUCERS", default_value_t = 2)]
     producers: usize,
+    /// How each value is written: `json` (the events as the pipeline reads
+    /// them) or `connect-json` (the same events in Kafka Connect's
+    /// JsonConverter envelope with their schema, for JDBC sink connectors;
+    /// malformed poison stays malformed).
+    #[arg(long, env = "LOADGEN_FORMAT", value_enum, default_value_t = ValueFormat::Json)]
+    format: ValueFormat,
     /// Serve Prometheus `/metrics` (loadgen_sent_total by kind) on this address; empty: off.
     #[arg(long, env = "METRICS_ADDR", default_value = "")]
     metrics_addr: String,
@@ -171,6 +177,7 @@ async fn main() {
         seed: flags.seed,
         producers: flags.producers,
         progress: true,
+        format: flags.format,
     };
     if let Err(config_error) = config.validate() {
         eprintln!("error: {config_error}");
