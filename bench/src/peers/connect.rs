@@ -14,6 +14,7 @@ use std::process::Command;
 
 use anyhow::Context;
 use stream_actors::kafka::Brokers;
+use stream_bins::lag::LagReader;
 use stream_bins::scratch;
 
 use super::{Expected, PeerRun};
@@ -254,9 +255,14 @@ pub async fn run(
     );
     let (mut child, monitor) = super::spawn_monitored(command, &log)?;
     let group = format!("connect-{connector}");
-    let outcome = super::wait_drained("Kafka Connect", &mut child, &monitor, || {
-        super::group_behind(brokers.clone(), group.clone(), topic.to_string())
-    })
+    let reader = LagReader::new(brokers, &group, topic, None)?;
+    let outcome = super::wait_drained(
+        "Kafka Connect",
+        &mut child,
+        &monitor,
+        reader,
+        super::Position::Committed,
+    )
     .await;
     let samples = monitor.finish(child.id());
     let stopped = crate::memory::terminate(&mut child);

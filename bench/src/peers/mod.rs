@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use stream_actors::kafka::Brokers;
+use stream_bins::lag::LagReader;
 use stream_bins::scratch::{self, TestEnv};
 
 use crate::table::{at_least, at_most, thousands, Row};
@@ -202,7 +203,7 @@ impl PeerRun {
 }
 
 /// The first and last `stored_at` (epoch seconds) and the `event_id`s of a
-/// table, `filter` its WHERE clause (with `$1` bound to `topic` when given).
+/// table, its rows from `topic` only when given (the pipeline's shared table).
 pub async fn read_table(
     postgres_url: &str,
     table: &str,
@@ -264,19 +265,43 @@ pub fn spawn_monitored(mut command: Command, log: &Path) -> anyhow::Result<(Chil
     Ok((child, monitor))
 }
 
-/// How far a peer is: records still to read.
-pub type Progress =
-    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<u64>> + Send>>;
+/// Which position a peer's progress is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// The group's committed offsets in Kafka (the peers).
+    Committed,
+    /// The persisted checkpoint (the pipeline).
+    Checkpoint,
+}
 
-/// Polls `behind` every second until it reads 0 (Ok(None)), the process
-/// exits, the deadline passes, it commits nothing for [`START_LIMIT`] or
-/// stops moving for [`STALL_LIMIT`] (Ok(Some(why))): a stall is a finding
-/// about the peer, not a bench error.
+/// Records still to read at `position`, from one reading of `reader` (the
+/// lag exporter's reader, which keeps its clients): None while the source
+/// cannot be read or the peer has stored no position yet.
+async fn behind(reader: &mut LagReader, position: Position) -> Option<u64> {
+    let reading = reader.read().await;
+    let (lag, started) = match position {
+        Position::Committed => (
+            reading.group_lag(),
+            reading.partitions.iter().any(|p| p.committed.is_some()),
+        ),
+        Position::Checkpoint => (
+            reading.checkpoint_lag(),
+            reading.partitions.iter().any(|p| p.checkpoint.is_some()),
+        ),
+    };
+    lag.filter(|_| started).map(|lag| lag.max(0) as u64)
+}
+
+/// Reads `reader` every second until the peer is `0` behind at `position`
+/// (Ok(None)), the process exits, the deadline passes, it stores no
+/// position for [`START_LIMIT`] or stops moving for [`STALL_LIMIT`]
+/// (Ok(Some(why))): a stall is a finding about the peer, not a bench error.
 pub async fn wait_drained(
     label: &str,
     child: &mut Child,
     monitor: &Monitor,
-    mut behind: impl FnMut() -> Progress,
+    mut reader: LagReader,
+    position: Position,
 ) -> anyhow::Result<Option<String>> {
     let started = Instant::now();
     let mut last_move = Instant::now();
@@ -291,8 +316,7 @@ pub async fn wait_drained(
                 "not drained within {DRAIN_DEADLINE:?} ({last_behind} records behind)"
             )));
         }
-        // A source that cannot be read yet (the group not joined) is "not yet".
-        if let Ok(now_behind) = behind().await {
+        if let Some(now_behind) = behind(&mut reader, position).await {
             if now_behind == 0 {
                 return Ok(None);
             }
@@ -326,25 +350,6 @@ pub async fn wait_drained(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-/// Records a group has still to read on `topic`: end offsets minus its
-/// committed offsets in Kafka.
-pub fn group_behind(brokers: Brokers, group: String, topic: String) -> Progress {
-    Box::pin(async move {
-        let ends = stream_bins::inspect::end_offsets_async(&brokers, &topic).await?;
-        let committed = tokio::task::spawn_blocking(move || {
-            stream_bins::inspect::kafka_committed_offsets(&brokers, &group, &topic)
-        })
-        .await??;
-        anyhow::ensure!(!committed.is_empty(), "no committed offsets yet");
-        Ok(ends
-            .iter()
-            .map(|(partition, end)| {
-                (end - committed.get(partition).copied().unwrap_or(0)).max(0) as u64
-            })
-            .sum())
-    })
 }
 
 /// Makes a [`PeerRun`] from a finished run's table and samples.
@@ -401,21 +406,19 @@ pub async fn pipeline(
     ]);
     let (mut child, monitor) = spawn_monitored(command, &out.join("peers-processor.log"))?;
     let connections = env.connections();
-    let brokers = env.config.brokers.clone();
-    let outcome = wait_drained("pipeline", &mut child, &monitor, || {
-        let (connections, brokers) = (connections.clone(), brokers.clone());
-        Box::pin(async move {
-            let ends =
-                stream_bins::inspect::end_offsets_async(&brokers, &connections.topic).await?;
-            let checkpoint = stream_bins::inspect::checkpoint_offsets(
-                &connections.postgres_url,
-                &connections.group,
-                &connections.topic,
-            )
-            .await?;
-            Ok(stream_bins::report::lag(&ends, &checkpoint).max(0) as u64)
-        })
-    })
+    let reader = LagReader::new(
+        &env.config.brokers,
+        &env.config.group_id,
+        &env.config.topic,
+        Some(env.config.postgres_url.clone()),
+    )?;
+    let outcome = wait_drained(
+        "pipeline",
+        &mut child,
+        &monitor,
+        reader,
+        Position::Checkpoint,
+    )
     .await;
     let samples = monitor.finish(child.id());
     let status = crate::memory::terminate(&mut child);
