@@ -161,7 +161,7 @@ async fn a_fenced_static_member_joins_again_with_a_fresh_client_and_loses_nothin
     // generation's commit was refused). librdkafka makes that a fatal error:
     // the client is unusable, and only a fresh one gets back in.
     let (mock, env) = mock_env("mockfenced").await;
-    let ledger = env.produce(10_000, 0.02, 44).await;
+    let mut ledger = env.produce(10_000, 0.02, 44).await;
     let mut config = env.config.clone();
     config.group_instance_id = Some("fenced-0".to_string());
     let pipeline = start_pipeline(config).await.expect("pipeline");
@@ -173,6 +173,13 @@ async fn a_fenced_static_member_joins_again_with_a_fresh_client_and_loses_nothin
         RDKafkaApiKey::OffsetCommit,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID],
     );
+    // Records produced after the fault is armed: the pipeline may already
+    // have committed all of the first batch, and with nothing new to commit
+    // the fenced response would never come.
+    let more = env.produce(2_000, 0.02, 45).await;
+    ledger.sent += more.sent;
+    ledger.valid += more.valid;
+    ledger.poison += more.poison;
     wait_until(
         "the consumer restarted with a fresh client",
         Duration::from_secs(60),
