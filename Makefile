@@ -94,7 +94,8 @@ check: secrets
 	bash scripts/check-k8s.sh
 
 # Issue 7's benchmarks and issue 14's peers (Kafka Connect + Debezium JDBC sink,
-# resolved by Maven on the first run), side by side on the local services
+# resolved by Maven on the first run; Quix Streams from PyPI) and their
+# behaviour table (hostile records, a SIGKILL mid-run), side by side on the local services
 # (scripts/services.sh up): a Markdown table on stdout, bench.md, bench.png and
 # RSS CSVs in target/bench/.
 # Smaller run: make bench BENCH_ARGS="--events 100000 --memory-events 200000 --peers-events 200000"

@@ -16,7 +16,9 @@
 //! 5. recovery: [`recovery::recovery_rows`] (SIGKILL and actor kill);
 //! 6. dlq-restart: an actor restart with a large dead-letter topic;
 //! 7. peers (issue 14): the processor binary beside Kafka Connect with
-//!    Debezium's JDBC sink, 1M events each ([`peers`]; `--skip-peers`).
+//!    Debezium's JDBC sink and Quix Streams, 1M events each, and how each
+//!    behaves with hostile records and under a SIGKILL ([`peers`];
+//!    `--skip-peers`).
 //!
 //! Prints a Markdown table on stdout (progress on stderr), and writes
 //! `bench.md`, `bench.png` and the RSS samples as CSV into `--out`. Exits 1
@@ -118,7 +120,7 @@ struct Args {
     /// The processor binary (default: build target/release/processor with cargo).
     #[arg(long)]
     processor: Option<PathBuf>,
-    /// The Python venv for the baselines (created when missing).
+    /// The Python venv for the baselines and Quix Streams (created when missing).
     #[arg(long)]
     venv: Option<PathBuf>,
     /// Run only these phases.
@@ -130,10 +132,11 @@ struct Args {
     )]
     only: Vec<Phase>,
     /// Skip the peers phase (its first run resolves Kafka Connect and the
-    /// JDBC sink connector from Maven Central).
+    /// JDBC sink connector from Maven Central and installs Quix Streams
+    /// from PyPI).
     #[arg(long)]
     skip_peers: bool,
-    /// Events in each peer's topic.
+    /// Events in each peer's topic (the SIGKILL runs use it too).
     #[arg(long, default_value_t = 1_000_000)]
     peers_events: u64,
 }
@@ -509,11 +512,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         parser_rows(&mut results, &parsed);
     }
 
+    let venv = args
+        .venv
+        .clone()
+        .unwrap_or_else(|| root.join(".bench-venv"));
     if wants(Phase::Throughput) {
-        let venv = args
-            .venv
-            .clone()
-            .unwrap_or_else(|| root.join(".bench-venv"));
+        let venv = venv.clone();
         let scripts = root.join("bench").join("python");
         let phase_args = args.clone();
         let measured = guarded(async move {
@@ -642,10 +646,18 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
 
     if let Some(processor) = processor.clone().filter(|_| wants(Phase::Peers)) {
-        let (root, events, logs) = (root.clone(), args.peers_events, out.clone());
-        match guarded(async move { peers::run(&processor, &root, events, &logs).await }).await {
+        let (root, venv, events, logs) =
+            (root.clone(), venv.clone(), args.peers_events, out.clone());
+        match guarded(async move { peers::run(&processor, &root, &venv, events, &logs).await })
+            .await
+        {
             Ok(measured) => {
-                results.peers = Some(peers::render(&measured.runs, &measured.expected));
+                let mut table = peers::render(&measured.runs, &measured.expected);
+                if let Some(behaviour) = &measured.behaviour {
+                    table.push_str("\n\nHow each behaves:\n\n");
+                    table.push_str(behaviour);
+                }
+                results.peers = Some(table);
                 results.rows.extend(peers::target_rows(&measured.runs));
                 results.failures.extend(
                     measured

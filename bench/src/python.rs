@@ -9,8 +9,15 @@ use anyhow::Context;
 use stream_bins::scratch;
 use tokio::process::Command;
 
-/// What the bench installs into its venv, from PyPI.
-const PACKAGES: [&str; 2] = ["confluent-kafka", "psycopg[binary]"];
+/// What the bench installs into its venv, from PyPI: the baselines'
+/// client and driver, and Quix Streams with the driver its PostgreSQL sink
+/// uses (the peers phase).
+const PACKAGES: [&str; 4] = [
+    "confluent-kafka",
+    "psycopg[binary]",
+    "quixstreams",
+    "psycopg2-binary",
+];
 
 /// Runs `command` to completion within `limit`; fails on a non-zero exit.
 async fn run_checked(mut command: Command, what: &str, limit: Duration) -> anyhow::Result<String> {
@@ -37,7 +44,10 @@ async fn run_checked(mut command: Command, what: &str, limit: Duration) -> anyho
 pub async fn ensure_venv(venv: &Path) -> anyhow::Result<PathBuf> {
     let python = venv.join("bin").join("python");
     let mut check = Command::new(&python);
-    check.args(["-c", "import confluent_kafka, psycopg"]);
+    check.args([
+        "-c",
+        "import confluent_kafka, psycopg, quixstreams, psycopg2",
+    ]);
     if python.exists()
         && run_checked(check, "venv import check", Duration::from_secs(60))
             .await

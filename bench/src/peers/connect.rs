@@ -14,22 +14,14 @@ use std::process::Command;
 
 use anyhow::Context;
 use stream_actors::kafka::Brokers;
-use stream_bins::lag::LagReader;
 use stream_bins::scratch;
 
-use super::{Expected, PeerRun};
+use super::{Expected, Launch, PeerRun};
 
 /// The connector's name; its consumer group is `connect-<name>`.
 const CONNECTOR: &str = "bench-jdbc-sink";
 /// Its table, in a database of its own.
 const TABLE: &str = "connect_events";
-
-/// The table, made before the connector starts: the envelope's fields, and
-/// `stored_at` for the bench's span (the connector leaves it to its default).
-const TABLE_DDL: &str = "CREATE TABLE connect_events (
-    event_id TEXT PRIMARY KEY, event_type TEXT NOT NULL, user_id TEXT NOT NULL,
-    amount DOUBLE PRECISION NOT NULL, ts BIGINT NOT NULL, schema_version INTEGER NOT NULL,
-    stored_at TIMESTAMPTZ NOT NULL DEFAULT now())";
 
 /// The JVM options of `connect-standalone.sh` (`KAFKA_HEAP_OPTS`) and
 /// `kafka-run-class.sh` (`KAFKA_JVM_PERFORMANCE_OPTS`).
@@ -139,48 +131,31 @@ pub fn ensure_installed(root: &Path, dir: &Path) -> anyhow::Result<Install> {
     })
 }
 
-/// `host`, `port`, `user`, `password` and `dbname` of a PostgreSQL URL, as
-/// a JDBC URL and its credentials.
+/// A JDBC URL and its credentials for a PostgreSQL URL.
 fn jdbc_settings(postgres_url: &str) -> anyhow::Result<(String, String, String)> {
-    let config: tokio_postgres::Config = postgres_url.parse()?;
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-        _ => anyhow::bail!("the bench's PostgreSQL URL has no TCP host"),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let database = config.get_dbname().context("no database in the URL")?;
-    let user = config.get_user().unwrap_or("postgres").to_string();
-    let password = config
-        .get_password()
-        .map(|password| String::from_utf8_lossy(password).into_owned())
-        .unwrap_or_default();
+    let parts = super::PostgresParts::of(postgres_url)?;
     Ok((
-        format!("jdbc:postgresql://{host}:{port}/{database}"),
-        user,
-        password,
+        format!(
+            "jdbc:postgresql://{}:{}/{}",
+            parts.host, parts.port, parts.database
+        ),
+        parts.user,
+        parts.password,
     ))
 }
 
-/// Runs the connector on `topic` (the envelope form) until its group has
-/// committed the end of every partition, or it stalls: with its defaults, or
-/// with `batch_size` records per poll and per write (the pipeline's batch).
-pub async fn run(
+/// A standalone worker with the JDBC sink on `topic` (the envelope events),
+/// into a database and dead-letter topic of its own; with the connector's
+/// defaults, or with `batch_size` records per poll and per write (the
+/// pipeline's batch).
+pub async fn prepare(
     install: &Install,
     brokers: &Brokers,
     topic: &str,
     batch_size: Option<u32>,
-    expected: &Expected,
     out: &Path,
-) -> anyhow::Result<PeerRun> {
-    let name = scratch::unique_name("bench_connect");
-    let dlq_topic = format!("{name}_dlq");
-    scratch::create_topic(&dlq_topic, 1).await;
-    let postgres_url = scratch::create_postgres_database(&name).await;
-    stream_actors::storage::connect_postgres(&postgres_url)
-        .await?
-        .batch_execute(TABLE_DDL)
-        .await
-        .context("create the connector's table")?;
+) -> anyhow::Result<Launch> {
+    let (name, dlq_topic, postgres_url) = super::peer_corner("bench_connect", TABLE).await?;
     let (jdbc_url, user, password) = jdbc_settings(&postgres_url)?;
     let connector = format!("{CONNECTOR}-{name}");
     let tasks = std::thread::available_parallelism().map_or(2, |cores| cores.get());
@@ -233,66 +208,58 @@ pub async fn run(
         ),
     )?;
 
-    let mut command = Command::new("java");
-    command
-        .args(JVM_OPTIONS)
-        .arg(format!(
-            "-Dlog4j2.configurationFile={}",
-            scratch::workspace_root()
-                .join("bench/connect/log4j2.properties")
-                .display()
-        ))
-        .arg("-cp")
-        .arg(format!("{}/*", install.runtime.display()))
-        .arg("org.apache.kafka.connect.cli.ConnectStandalone")
-        .arg(&worker)
-        .arg(&connector_file);
-    let log = work.join("worker.log");
-    eprintln!(
-        "bench: peers: Kafka Connect ({}), {tasks} tasks, log {}",
-        install.versions,
-        log.display()
-    );
-    let (mut child, monitor) = super::spawn_monitored(command, &log)?;
-    let group = format!("connect-{connector}");
-    let reader = LagReader::new(brokers, &group, topic, None)?;
-    let outcome = super::wait_drained(
-        "Kafka Connect",
-        &mut child,
-        &monitor,
-        reader,
-        super::Position::Committed,
-    )
-    .await;
-    let samples = monitor.finish(child.id());
-    let stopped = crate::memory::terminate(&mut child);
-    let remark = outcome?.unwrap_or_default();
-    // A worker that needs a kill to stop is worth saying, not a failure.
-    // The JVM ends with 143 (128 + SIGTERM) after its shutdown hooks ran.
-    let remark = match stopped {
-        Ok(status) if status.success() || status.code() == Some(143) => remark,
-        Ok(status) => format!("{remark} exited with {status} on SIGTERM")
-            .trim()
-            .to_string(),
-        Err(error) => format!("{remark} {error}").trim().to_string(),
+    let log4j = scratch::workspace_root().join("bench/connect/log4j2.properties");
+    let classpath = format!("{}/*", install.runtime.display());
+    let command = move || {
+        let mut command = Command::new("java");
+        command
+            .args(JVM_OPTIONS)
+            .arg(format!("-Dlog4j2.configurationFile={}", log4j.display()))
+            .arg("-cp")
+            .arg(&classpath)
+            .arg("org.apache.kafka.connect.cli.ConnectStandalone")
+            .arg(&worker)
+            .arg(&connector_file);
+        command
     };
-    let dead_letters = super::records_in(brokers, &dlq_topic).await?;
     let settings = match batch_size {
         None => "the connector's defaults (batch.size 500)".to_string(),
         Some(size) => format!("batch.size and max.poll.records {size}"),
     };
-    super::measure(
-        format!("{}, {settings}", install.versions),
-        &format!("PostgreSQL, upsert by event_id, {tasks} tasks"),
-        &postgres_url,
-        TABLE,
-        None,
-        &samples,
-        expected,
-        dead_letters,
-        remark,
-    )
-    .await
+    Ok(Launch {
+        label: "Kafka Connect".to_string(),
+        name: format!("{}, {settings}", install.versions),
+        stores: format!("PostgreSQL, upsert by event_id, {tasks} tasks"),
+        command: Box::new(command),
+        log: work.join("worker.log"),
+        postgres_url,
+        table: TABLE.to_string(),
+        topic_filter: None,
+        dlq_topic,
+        brokers: brokers.clone(),
+        group: format!("connect-{connector}"),
+        topic: topic.to_string(),
+        position: super::Position::Committed,
+        clean_codes: &[143],
+    })
+}
+
+/// One measured run of the worker on `topic` (see [`prepare`]).
+pub async fn run(
+    install: &Install,
+    brokers: &Brokers,
+    topic: &str,
+    batch_size: Option<u32>,
+    expected: &Expected,
+    out: &Path,
+) -> anyhow::Result<PeerRun> {
+    let launch = prepare(install, brokers, topic, batch_size, out).await?;
+    eprintln!(
+        "bench: peers: Kafka Connect ({}), log {}",
+        launch.name,
+        launch.log.display()
+    );
+    launch.drain(expected).await
 }
 
 #[cfg(test)]

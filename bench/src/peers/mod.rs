@@ -17,13 +17,18 @@
 //! - **dead letters**: records in its dead-letter topic.
 //!
 //! A peer that loses, duplicates or stores poison is reported as such.
+//!
+//! A second table ([`behaviour`]) observes each peer against hostile records
+//! and under a SIGKILL mid-run.
 
+pub mod behaviour;
 pub mod connect;
 pub mod process;
+pub mod quix;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -245,6 +250,72 @@ pub async fn read_table(
     }
 }
 
+/// The parts of a PostgreSQL URL a peer's own client takes one by one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostgresParts {
+    /// TCP host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Database.
+    pub database: String,
+    /// User.
+    pub user: String,
+    /// Password (empty when none).
+    pub password: String,
+}
+
+impl PostgresParts {
+    /// Parses `postgres_url`; it must name a TCP host and a database.
+    pub fn of(postgres_url: &str) -> anyhow::Result<PostgresParts> {
+        let config: tokio_postgres::Config = postgres_url.parse()?;
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            _ => anyhow::bail!("the bench's PostgreSQL URL has no TCP host"),
+        };
+        Ok(PostgresParts {
+            host,
+            port: config.get_ports().first().copied().unwrap_or(5432),
+            database: config
+                .get_dbname()
+                .context("no database in the URL")?
+                .to_string(),
+            user: config.get_user().unwrap_or("postgres").to_string(),
+            password: config
+                .get_password()
+                .map(|password| String::from_utf8_lossy(password).into_owned())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// A peer's table, made before it starts: the event's fields, and
+/// `stored_at` for the bench's span (the peer leaves it to its default).
+pub fn peer_table_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE {table} (
+            event_id TEXT PRIMARY KEY, event_type TEXT NOT NULL, user_id TEXT NOT NULL,
+            amount DOUBLE PRECISION NOT NULL, ts BIGINT NOT NULL, schema_version INTEGER NOT NULL,
+            stored_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+    )
+}
+
+/// A peer's own corner, named `<prefix>_<unique>`: a dead-letter topic
+/// (`<name>_dlq`, one partition), a database and `table` in it. Returns the
+/// name, the dead-letter topic and the database's URL.
+pub async fn peer_corner(prefix: &str, table: &str) -> anyhow::Result<(String, String, String)> {
+    let name = scratch::unique_name(prefix);
+    let dlq_topic = format!("{name}_dlq");
+    scratch::create_topic(&dlq_topic, 1).await;
+    let postgres_url = scratch::create_postgres_database(&name).await;
+    stream_actors::storage::connect_postgres(&postgres_url)
+        .await?
+        .batch_execute(&peer_table_ddl(table))
+        .await
+        .with_context(|| format!("create the table {table} for {name}"))?;
+    Ok((name, dlq_topic, postgres_url))
+}
+
 /// Records in a topic (the sum of its end offsets; nothing is deleted).
 pub async fn records_in(brokers: &Brokers, topic: &str) -> anyhow::Result<u64> {
     let ends = stream_bins::inspect::end_offsets_async(brokers, topic).await?;
@@ -353,23 +424,23 @@ pub async fn wait_drained(
 }
 
 /// Makes a [`PeerRun`] from a finished run's table and samples.
-#[allow(clippy::too_many_arguments)]
 pub async fn measure(
-    name: String,
-    stores: &str,
-    postgres_url: &str,
-    table: &str,
-    topic_filter: Option<&str>,
+    launch: &Launch,
     samples: &[process::Sample],
     expected: &Expected,
     dead_letters: u64,
     remark: String,
 ) -> anyhow::Result<PeerRun> {
-    let (first, last, ids) = read_table(postgres_url, table, topic_filter).await?;
+    let (first, last, ids) = read_table(
+        &launch.postgres_url,
+        &launch.table,
+        launch.topic_filter.as_deref(),
+    )
+    .await?;
     let cpu = |at: f64| process::cpu_at(samples, at).context("no CPU samples");
     let run = PeerRun {
-        name,
-        stores: stores.to_string(),
+        name: launch.name.clone(),
+        stores: launch.stores.clone(),
         records: expected.records,
         seconds: (last - first).max(1e-3),
         cpu_seconds: cpu(last)? - cpu(first)?,
@@ -392,60 +463,163 @@ pub async fn measure(
     Ok(run)
 }
 
+/// How to start a peer (again after a SIGKILL: the same command, group,
+/// table and dead-letter topic) and where to read what it did.
+pub struct Launch {
+    /// Short label for progress lines.
+    pub label: String,
+    /// Who, with its version and settings, for the tables.
+    pub name: String,
+    /// Where it writes, for the tables.
+    pub stores: String,
+    /// Its command, made afresh for each start.
+    pub command: Box<dyn Fn() -> Command + Send + Sync>,
+    /// Its log for the first start; later starts add `-<n>` to the name.
+    pub log: PathBuf,
+    /// Its database.
+    pub postgres_url: String,
+    /// Its table there.
+    pub table: String,
+    /// Only the rows of this source topic (the pipeline's shared table).
+    pub topic_filter: Option<String>,
+    /// Its dead-letter topic.
+    pub dlq_topic: String,
+    /// The broker.
+    pub brokers: Brokers,
+    /// Its consumer group.
+    pub group: String,
+    /// The topic it reads.
+    pub topic: String,
+    /// Where its progress is read.
+    pub position: Position,
+    /// Exit codes of a clean stop on SIGTERM besides 0 (the JVM's 143: it
+    /// ends so after its shutdown hooks ran).
+    pub clean_codes: &'static [i32],
+}
+
+impl Launch {
+    /// Starts the peer; `start` counts the starts from 0 (it names the log).
+    pub fn start(&self, start: u32) -> anyhow::Result<(Child, Monitor)> {
+        let log = match start {
+            0 => self.log.clone(),
+            n => {
+                let stem = self.log.file_stem().unwrap_or_default().to_string_lossy();
+                self.log.with_file_name(format!("{stem}-{n}.log"))
+            }
+        };
+        spawn_monitored((self.command)(), &log)
+    }
+
+    /// A reader of its progress.
+    pub fn reader(&self) -> anyhow::Result<LagReader> {
+        let checkpoint = (self.position == Position::Checkpoint).then(|| self.postgres_url.clone());
+        LagReader::new(&self.brokers, &self.group, &self.topic, checkpoint)
+    }
+
+    /// Stops it with SIGTERM: a remark when it did not stop cleanly.
+    pub fn stop(&self, child: &mut Child) -> Option<String> {
+        match crate::memory::terminate(child) {
+            Ok(status)
+                if status.success()
+                    || status
+                        .code()
+                        .is_some_and(|code| self.clean_codes.contains(&code)) =>
+            {
+                None
+            }
+            Ok(status) => Some(format!("exited with {status} on SIGTERM")),
+            Err(error) => Some(format!("{error:#}")),
+        }
+    }
+
+    /// Starts it (start number `start`), waits until it has drained its
+    /// topic (or stalls) and stops it: its samples, a remark (empty when it
+    /// drained and stopped cleanly), and when the wait ended (before the
+    /// stop).
+    pub async fn until_drained(
+        &self,
+        start: u32,
+    ) -> anyhow::Result<(Vec<process::Sample>, String, Instant)> {
+        let (mut child, monitor) = self.start(start)?;
+        let outcome = wait_drained(
+            &self.label,
+            &mut child,
+            &monitor,
+            self.reader()?,
+            self.position,
+        )
+        .await;
+        let waited = Instant::now();
+        let samples = monitor.finish(child.id());
+        let stopped = self.stop(&mut child);
+        Ok((samples, remarks(outcome?, stopped), waited))
+    }
+
+    /// Runs it until it has drained its topic and measures the run.
+    pub async fn drain(&self, expected: &Expected) -> anyhow::Result<PeerRun> {
+        let (samples, remark, _) = self.until_drained(0).await?;
+        let dead_letters = records_in(&self.brokers, &self.dlq_topic).await?;
+        measure(self, &samples, expected, dead_letters, remark).await
+    }
+}
+
+/// Two optional remarks as one (empty when neither).
+pub fn remarks(first: Option<String>, second: Option<String>) -> String {
+    [first, second]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The pipeline: `processor` on the plain topic of `env`, both stores.
-pub async fn pipeline(
+pub fn pipeline(processor: &Path, env: &TestEnv, log: PathBuf) -> Launch {
+    let processor = processor.to_path_buf();
+    let flags = env.processor_flags();
+    let config = &env.config;
+    Launch {
+        label: "pipeline".to_string(),
+        name: format!("this pipeline {}", env!("CARGO_PKG_VERSION")),
+        stores: "PostgreSQL and ClickHouse, exactly once".to_string(),
+        command: Box::new(move || {
+            let mut command = Command::new(&processor);
+            command.args(&flags).args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{}", scratch::free_port()),
+            ]);
+            command
+        }),
+        log,
+        postgres_url: config.postgres_url.clone(),
+        table: "events".to_string(),
+        topic_filter: Some(config.topic.clone()),
+        dlq_topic: config.dlq_topic.clone(),
+        brokers: config.brokers.clone(),
+        group: config.group_id.clone(),
+        topic: config.topic.clone(),
+        position: Position::Checkpoint,
+        clean_codes: &[],
+    }
+}
+
+/// The pipeline's run, with its own report's check that every event is
+/// accounted for.
+async fn pipeline_run(
     processor: &Path,
     env: &TestEnv,
     expected: &Expected,
     out: &Path,
 ) -> anyhow::Result<PeerRun> {
-    let mut command = Command::new(processor);
-    command.args(env.processor_flags()).args([
-        "--metrics-addr",
-        &format!("127.0.0.1:{}", scratch::free_port()),
-    ]);
-    let (mut child, monitor) = spawn_monitored(command, &out.join("peers-processor.log"))?;
-    let connections = env.connections();
-    let reader = LagReader::new(
-        &env.config.brokers,
-        &env.config.group_id,
-        &env.config.topic,
-        Some(env.config.postgres_url.clone()),
-    )?;
-    let outcome = wait_drained(
-        "pipeline",
-        &mut child,
-        &monitor,
-        reader,
-        Position::Checkpoint,
-    )
-    .await;
-    let samples = monitor.finish(child.id());
-    let status = crate::memory::terminate(&mut child);
-    let remark = outcome?.unwrap_or_default();
-    anyhow::ensure!(
-        status?.success(),
-        "the processor failed to stop; see peers-processor.log"
-    );
-    let report = stream_bins::report::gather(&connections).await?;
+    let run = pipeline(processor, env, out.join("peers-processor.log"))
+        .drain(expected)
+        .await?;
+    let report = stream_bins::report::gather(&env.connections()).await?;
     anyhow::ensure!(
         report.accounted_for(),
         "the pipeline did not account for every event:\n{}",
         report.render()
     );
-    let dead_letters = records_in(&env.config.brokers, &env.config.dlq_topic).await?;
-    measure(
-        format!("this pipeline {}", env!("CARGO_PKG_VERSION")),
-        "PostgreSQL and ClickHouse, exactly once",
-        &env.config.postgres_url,
-        "events",
-        Some(&env.config.topic),
-        &samples,
-        expected,
-        dead_letters,
-        remark,
-    )
-    .await
+    Ok(run)
 }
 
 /// The seed of the peers' topics.
@@ -459,6 +633,8 @@ pub struct PeersResult {
     pub failures: Vec<String>,
     /// What the topics hold.
     pub expected: Expected,
+    /// The behaviour table (Markdown), when it could be observed.
+    pub behaviour: Option<String>,
 }
 
 /// Loads the topics (the plain one and the envelope one, same seed), then
@@ -466,6 +642,7 @@ pub struct PeersResult {
 pub async fn run(
     processor: &Path,
     root: &Path,
+    venv: &Path,
     events: u64,
     out: &Path,
 ) -> anyhow::Result<PeersResult> {
@@ -507,9 +684,10 @@ pub async fn run(
         runs: Vec::new(),
         failures: Vec::new(),
         expected,
+        behaviour: None,
     };
     eprintln!("bench: peers: the pipeline (processor binary)");
-    match pipeline(processor, &env, &result.expected, out).await {
+    match pipeline_run(processor, &env, &result.expected, out).await {
         Ok(run) => result.runs.push(run),
         Err(error) => result.failures.push(format!("pipeline: {error:#}")),
     }
@@ -531,7 +709,197 @@ pub async fn run(
             Err(error) => result.failures.push(format!("Kafka Connect: {error:#}")),
         }
     }
+    eprintln!("bench: peers: Quix Streams");
+    let script = root.join("bench").join("python").join("quix_consumer.py");
+    let python = crate::python::ensure_venv(venv).await;
+    let quix = async {
+        let python = python
+            .as_ref()
+            .map_err(|error| anyhow::anyhow!("{error:#}"))?;
+        quix::run(
+            python,
+            &script,
+            &env.config.brokers,
+            &env.config.topic,
+            &result.expected,
+            out,
+        )
+        .await
+    };
+    match quix.await {
+        Ok(run) => result.runs.push(run),
+        Err(error) => result.failures.push(format!("Quix Streams: {error:#}")),
+    }
+
+    eprintln!("bench: peers: behaviour (hostile records, a SIGKILL mid-run)");
+    let peers = Peers {
+        processor,
+        install: &install,
+        python: python.as_deref().ok(),
+        script: &script,
+        out,
+    };
+    let big = Topics {
+        plain: &env.config.topic,
+        enveloped: &connect_topic,
+    };
+    match behaviour_table(&peers, &env.config.brokers, &big, &result.expected).await {
+        Ok(table) => result.behaviour = Some(table),
+        Err(error) => result.failures.push(format!("behaviour table: {error:#}")),
+    }
     Ok(result)
+}
+
+/// An outcome with its error as text, for a table cell.
+fn observed<T>(outcome: anyhow::Result<T>) -> Result<T, String> {
+    outcome.map_err(|error| format!("{error:#}"))
+}
+
+/// What it takes to start each peer.
+struct Peers<'a> {
+    processor: &'a Path,
+    install: &'a connect::Install,
+    /// The venv's Python, when the venv could be made.
+    python: Option<&'a Path>,
+    script: &'a Path,
+    out: &'a Path,
+}
+
+/// A topic of events in both forms: plain JSON, and the JsonConverter
+/// envelope for Kafka Connect.
+struct Topics<'a> {
+    plain: &'a str,
+    enveloped: &'a str,
+}
+
+/// The pipeline on `topic` with a group, databases and a dead-letter topic
+/// of its own.
+async fn pipeline_on(processor: &Path, brokers: &Brokers, topic: &str, log: PathBuf) -> Launch {
+    let name = scratch::unique_name("bench_behaviour");
+    let dlq_topic = format!("{name}_dlq");
+    scratch::create_topic(&dlq_topic, 3).await;
+    let env = TestEnv::with_topics(name, brokers, topic.to_string(), dlq_topic).await;
+    pipeline(processor, &env, log)
+}
+
+impl Peers<'_> {
+    /// Each peer's launch on `topics`, by name; a peer that cannot be
+    /// launched is an error in its place.
+    async fn launches(
+        &self,
+        brokers: &Brokers,
+        topics: &Topics<'_>,
+        what: &str,
+    ) -> Vec<(String, anyhow::Result<Launch>)> {
+        let pipeline = pipeline_on(
+            self.processor,
+            brokers,
+            topics.plain,
+            self.out.join(format!("{what}-processor.log")),
+        )
+        .await;
+        let connect =
+            connect::prepare(self.install, brokers, topics.enveloped, None, self.out).await;
+        let quix = match self.python {
+            Some(python) => {
+                quix::prepare(python, self.script, brokers, topics.plain, self.out).await
+            }
+            None => Err(anyhow::anyhow!("the bench's Python venv could not be made")),
+        };
+        vec![
+            ("this pipeline".to_string(), Ok(pipeline)),
+            ("Kafka Connect".to_string(), connect),
+            ("Quix Streams".to_string(), quix),
+        ]
+    }
+}
+
+/// Loads the hostile topics (one per hostile record, so that one record's
+/// effect does not hide the other's), then observes each peer on them and
+/// under a SIGKILL on the big topics.
+async fn behaviour_table(
+    peers: &Peers<'_>,
+    brokers: &Brokers,
+    big: &Topics<'_>,
+    expected: &Expected,
+) -> anyhow::Result<String> {
+    let records = behaviour::hostile_records();
+    let mut config = loadgen::LoadgenConfig {
+        brokers: brokers.clone(),
+        topic: String::new(),
+        count: behaviour::HOSTILE_EVENTS,
+        rate: 0,
+        poison_rate: POISON_RATE,
+        seed: behaviour::HOSTILE_SEED,
+        producers: 2,
+        progress: false,
+        format: loadgen::ValueFormat::Json,
+    };
+    // Per hostile record: what its topics hold, and each peer's launch on
+    // them ([record][peer]).
+    let mut hostile = Vec::new();
+    for (index, record) in records.iter().enumerate() {
+        let name = scratch::unique_name("bench_hostile");
+        let (plain, enveloped) = (format!("{name}_events"), format!("{name}_connect"));
+        scratch::create_topics(&[(&plain, PARTITIONS), (&enveloped, PARTITIONS)]).await;
+        // The hostile record first: a peer that stalls on it stalls on
+        // everything behind it in its partition.
+        for (topic, format) in [
+            (plain.clone(), loadgen::ValueFormat::Json),
+            (enveloped.clone(), loadgen::ValueFormat::ConnectJson),
+        ] {
+            behaviour::produce_hostile(brokers, &topic, format, std::slice::from_ref(record))
+                .await?;
+            config.topic = topic;
+            config.format = format;
+            loadgen::run(&config).await?;
+        }
+        let topics = Topics {
+            plain: &plain,
+            enveloped: &enveloped,
+        };
+        let launches = peers
+            .launches(brokers, &topics, &format!("hostile-{index}"))
+            .await;
+        hostile.push((
+            behaviour::hostile_expected(&config, std::slice::from_ref(record)),
+            launches,
+        ));
+    }
+    let killed = peers.launches(brokers, big, "sigkill").await;
+    let mut behaviours = Vec::new();
+    for (peer, (name, on_big)) in killed.into_iter().enumerate() {
+        let mut runs = Vec::new();
+        let mut full_name = on_big.as_ref().map(|launch| launch.name.clone()).ok();
+        for ((record_expected, launches), record) in hostile.iter_mut().zip(&records) {
+            let (_, launch) = &launches[peer];
+            let run = match launch {
+                Ok(launch) => {
+                    full_name.get_or_insert_with(|| launch.name.clone());
+                    behaviour::hostile_run(launch, record_expected, record).await
+                }
+                Err(error) => Err(anyhow::anyhow!("{error:#}")),
+            };
+            runs.push(observed(run));
+        }
+        let kill = match on_big {
+            Ok(launch) => behaviour::kill_run(&launch, expected).await,
+            Err(error) => Err(error),
+        };
+        behaviours.push(behaviour::Behaviour {
+            name: full_name.unwrap_or(name),
+            hostile: runs,
+            kill: observed(kill),
+        });
+    }
+    let mut table = behaviour::render(&behaviours, &records);
+    let _ = write!(
+        table,
+        "\nEach hostile record is on a topic of its own, ahead of {} events at poison rate {POISON_RATE} (seed {}), {PARTITIONS} partitions; Kafka Connect reads the same in the JsonConverter envelope. The SIGKILL runs are on the big topics.",
+        thousands(behaviour::HOSTILE_EVENTS as f64),
+        behaviour::HOSTILE_SEED,
+    );
+    Ok(table)
 }
 
 /// Issue 14's targets against the peers: the pipeline's events/s at least
