@@ -282,11 +282,8 @@ pub struct KillRun {
 
 /// Rows of its table now (0 before the first).
 async fn rows_now(client: &tokio_postgres::Client, launch: &Launch) -> u64 {
-    let (filter, params): (&str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>) =
-        match &launch.topic_filter {
-            Some(topic) => ("WHERE source_topic = $1", vec![topic]),
-            None => ("", Vec::new()),
-        };
+    let topic = launch.topic_filter.as_deref();
+    let (filter, params) = super::topic_filter(&topic);
     client
         .query_one(
             &format!("SELECT count(*) FROM {} {filter}", launch.table),

@@ -16,7 +16,7 @@ use anyhow::Context;
 use stream_actors::kafka::Brokers;
 use stream_bins::scratch;
 
-use super::{Expected, Launch, PeerRun};
+use super::Launch;
 
 /// The connector's name; its consumer group is `connect-<name>`.
 const CONNECTOR: &str = "bench-jdbc-sink";
@@ -242,24 +242,6 @@ pub async fn prepare(
         position: super::Position::Committed,
         clean_codes: &[143],
     })
-}
-
-/// One measured run of the worker on `topic` (see [`prepare`]).
-pub async fn run(
-    install: &Install,
-    brokers: &Brokers,
-    topic: &str,
-    batch_size: Option<u32>,
-    expected: &Expected,
-    out: &Path,
-) -> anyhow::Result<PeerRun> {
-    let launch = prepare(install, brokers, topic, batch_size, out).await?;
-    eprintln!(
-        "bench: peers: Kafka Connect ({}), log {}",
-        launch.name,
-        launch.log.display()
-    );
-    launch.drain(expected).await
 }
 
 #[cfg(test)]

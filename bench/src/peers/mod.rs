@@ -207,6 +207,20 @@ impl PeerRun {
     }
 }
 
+/// The `WHERE` clause and its parameters that keep a table's rows from
+/// `topic` only, when given (the pipeline's shared table).
+pub fn topic_filter<'a>(
+    topic: &'a Option<&'a str>,
+) -> (
+    &'static str,
+    Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>,
+) {
+    match topic {
+        Some(topic) => ("WHERE source_topic = $1", vec![topic]),
+        None => ("", Vec::new()),
+    }
+}
+
 /// The first and last `stored_at` (epoch seconds) and the `event_id`s of a
 /// table, its rows from `topic` only when given (the pipeline's shared table).
 pub async fn read_table(
@@ -215,15 +229,7 @@ pub async fn read_table(
     topic: Option<&str>,
 ) -> anyhow::Result<(f64, f64, Vec<String>)> {
     let client = stream_actors::storage::connect_postgres(postgres_url).await?;
-    let filter = if topic.is_some() {
-        "WHERE source_topic = $1"
-    } else {
-        ""
-    };
-    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = match &topic {
-        Some(topic) => vec![topic],
-        None => Vec::new(),
-    };
+    let (filter, params) = topic_filter(&topic);
     let span = client
         .query_one(
             &format!(
@@ -557,6 +563,12 @@ impl Launch {
 
     /// Runs it until it has drained its topic and measures the run.
     pub async fn drain(&self, expected: &Expected) -> anyhow::Result<PeerRun> {
+        eprintln!(
+            "bench: peers: {}, {}, log {}",
+            self.name,
+            self.stores,
+            self.log.display()
+        );
         let (samples, remark, _) = self.until_drained(0).await?;
         let dead_letters = records_in(&self.brokers, &self.dlq_topic).await?;
         measure(self, &samples, expected, dead_letters, remark).await
@@ -695,16 +707,14 @@ pub async fn run(
     // default `--batch-size`.
     let tuned = stream_actors::PipelineConfig::local_defaults().batch_size as u32;
     for batch_size in [None, Some(tuned)] {
-        match connect::run(
+        let launch = connect::prepare(
             &install,
             &env.config.brokers,
             &connect_topic,
             batch_size,
-            &result.expected,
             out,
-        )
-        .await
-        {
+        );
+        match async { launch.await?.drain(&result.expected).await }.await {
             Ok(run) => result.runs.push(run),
             Err(error) => result.failures.push(format!("Kafka Connect: {error:#}")),
         }
@@ -716,15 +726,10 @@ pub async fn run(
         let python = python
             .as_ref()
             .map_err(|error| anyhow::anyhow!("{error:#}"))?;
-        quix::run(
-            python,
-            &script,
-            &env.config.brokers,
-            &env.config.topic,
-            &result.expected,
-            out,
-        )
-        .await
+        quix::prepare(python, &script, &env.config.brokers, &env.config.topic, out)
+            .await?
+            .drain(&result.expected)
+            .await
     };
     match quix.await {
         Ok(run) => result.runs.push(run),

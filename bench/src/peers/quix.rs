@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use stream_actors::kafka::Brokers;
 
-use super::{Expected, Launch, PeerRun, PostgresParts};
+use super::{Launch, PostgresParts};
 
 /// Its table, in a database of its own.
 const TABLE: &str = "quix_events";
@@ -92,22 +92,4 @@ pub async fn prepare(
         position: super::Position::Committed,
         clean_codes: &[],
     })
-}
-
-/// One measured run of the application on `topic` (see [`prepare`]).
-pub async fn run(
-    python: &Path,
-    script: &Path,
-    brokers: &Brokers,
-    topic: &str,
-    expected: &Expected,
-    out: &Path,
-) -> anyhow::Result<PeerRun> {
-    let launch = prepare(python, script, brokers, topic, out).await?;
-    eprintln!(
-        "bench: peers: {}, one process, log {}",
-        launch.name,
-        launch.log.display()
-    );
-    launch.drain(expected).await
 }
