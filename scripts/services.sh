@@ -26,7 +26,9 @@
 #   clickhouse Debian clickhouse-server, database $CH_DB, HTTP on
 #              $CLICKHOUSE_HTTP_PORT and HTTPS on $CLICKHOUSE_HTTPS_PORT with the server
 #              certificate below (clients: --clickhouse-ca-file .services/tls/ca.pem)
-#   sqs        moto server (in a venv under .services/)
+#   sqs        moto server (in a venv under .services/): SQS, and S3 on the same
+#              port (the DLQ archive's bucket, made by `streamctl dlq archive
+#              --create-bucket`)
 #
 # Test TLS material, for every service (Kafka's SASL_SSL listener now): made
 # with openssl once, made again (all of it) when missing or when the server

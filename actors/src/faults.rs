@@ -34,15 +34,20 @@ pub enum CrashPoint {
     /// In the DLQ writer: the broker confirmed the dead letters, the DLQ
     /// index does not say so yet. A restart must not produce them again.
     AfterDlqDelivery,
+    /// In the DLQ archiver (`streamctl dlq archive`): an object is in the
+    /// bucket, its manifest is not. A re-run must write that object again
+    /// under the same name, not a second copy of its dead letters.
+    AfterArchiveObject,
 }
 
 impl CrashPoint {
     /// Every crash point.
-    pub const ALL: [CrashPoint; 4] = [
+    pub const ALL: [CrashPoint; 5] = [
         CrashPoint::AfterDbWrite,
         CrashPoint::AfterCheckpoint,
         CrashPoint::AfterDlqIntent,
         CrashPoint::AfterDlqDelivery,
+        CrashPoint::AfterArchiveObject,
     ];
 
     /// The name used in `STREAM_CRASH_AT`.
@@ -52,6 +57,7 @@ impl CrashPoint {
             CrashPoint::AfterCheckpoint => "after_checkpoint",
             CrashPoint::AfterDlqIntent => "after_dlq_intent",
             CrashPoint::AfterDlqDelivery => "after_dlq_delivery",
+            CrashPoint::AfterArchiveObject => "after_archive_object",
         }
     }
 

@@ -144,10 +144,13 @@ pub struct ReadRecord {
     pub payload: Option<Vec<u8>>,
     /// Headers, in order; values as text (lossy).
     pub headers: Vec<(String, String)>,
+    /// The record's timestamp (ms since the Unix epoch), when it has one.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl ReadRecord {
-    fn from_message(message: &rdkafka::message::BorrowedMessage<'_>) -> Self {
+    /// The record as read from a message.
+    pub fn from_message(message: &rdkafka::message::BorrowedMessage<'_>) -> Self {
         let headers = message
             .headers()
             .map(|headers| {
@@ -171,6 +174,7 @@ impl ReadRecord {
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec),
             headers,
+            timestamp_ms: message.timestamp().to_millis(),
         }
     }
 

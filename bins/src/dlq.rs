@@ -11,6 +11,12 @@
 //!   record that is still poison lands back in the DLQ once and stays there.
 //!   Envelopes (`dlq.envelope`: the topic refused the record whole, so only a
 //!   prefix or its hash is there) are never replayed.
+//!
+//! Each reads the dead-letter topic, or with `--from-archive` the archive
+//! `streamctl dlq archive` wrote ([`crate::archive`]): the same records,
+//! named by the same dead-letter positions, so the filters and the replay
+//! rule are the same, and a dead letter replayed from one is not replayed
+//! again from the other.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -36,6 +42,31 @@ pub fn read_dead_letters(connections: &ConnectionArgs) -> anyhow::Result<Vec<Rea
         &connections.dlq_topic,
         Duration::from_secs(120),
     )
+}
+
+/// Where the dead letters are read from: the topic, or the archive.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DlqSource {
+    /// Read the dead letters from the archive `streamctl dlq archive` wrote
+    /// instead of the topic (those the topic's retention deleted are there).
+    #[arg(long)]
+    pub from_archive: bool,
+    /// The archive.
+    #[command(flatten)]
+    pub s3: crate::archive::S3Args,
+}
+
+impl DlqSource {
+    /// The dead letters of `connections.dlq_topic`, from the topic or the archive.
+    pub async fn read(&self, connections: &ConnectionArgs) -> anyhow::Result<Vec<ReadRecord>> {
+        if !self.from_archive {
+            let connections = connections.clone();
+            return tokio::task::spawn_blocking(move || read_dead_letters(&connections)).await?;
+        }
+        let archive = self.s3.archive()?;
+        archive.ensure_bucket(false).await?;
+        archive.read(&connections.dlq_topic).await
+    }
 }
 
 /// Which dead letters a command looks at.
@@ -211,7 +242,8 @@ pub struct ReplayOutcome {
     pub published: u64,
 }
 
-/// Replays dead letters of `connections.topic` that pass `filter`.
+/// Replays dead letters of `connections.topic` that pass `filter`, read
+/// from the dead-letter topic.
 pub async fn replay(
     connections: &ConnectionArgs,
     filter: &DlqFilter,
@@ -219,6 +251,18 @@ pub async fn replay(
     execute: bool,
 ) -> anyhow::Result<ReplayOutcome> {
     let records = read_dead_letters(connections)?;
+    replay_records(connections, &records, filter, max_replays, execute).await
+}
+
+/// Replays those of `records` (dead letters of `connections.dlq_topic`, from
+/// the topic or the archive) that are from `connections.topic` and pass `filter`.
+pub async fn replay_records(
+    connections: &ConnectionArgs,
+    records: &[ReadRecord],
+    filter: &DlqFilter,
+    max_replays: u32,
+    execute: bool,
+) -> anyhow::Result<ReplayOutcome> {
     let postgres = connect_postgres(&connections.postgres_url).await?;
     stream_actors::storage::ensure_table(
         &postgres,
@@ -351,6 +395,7 @@ mod tests {
                 ("dlq.source.partition".into(), "2".into()),
                 ("dlq.source.offset".into(), "15".into()),
             ],
+            timestamp_ms: None,
         };
         assert!(DlqFilter::default().accepts(&record, "events"));
         assert!(!DlqFilter::default().accepts(&record, "other"));

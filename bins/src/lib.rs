@@ -1,5 +1,6 @@
 //! The binaries' logic, kept out of `main` so tests can call it.
 //!
+//! - [`archive`]: `streamctl dlq archive`, dead letters into S3-compatible storage.
 //! - [`admin`]: the processor's admin endpoint (metrics, probes, status, kill).
 //! - [`audit`]: `streamctl audit`, the topic reconciled with the stores and the DLQ.
 //! - [`chart`]: `streamctl chart`, a PNG of a run from Prometheus.
@@ -11,11 +12,12 @@
 //! - [`inspect`]: independent reads of topics, stores and checkpoints.
 //! - [`report`]: `streamctl report`, the demo's summary.
 //! - [`sqs_consumer`]: runs the SQS consumer actor under its supervisor.
-//! - [`dlq`]: `streamctl dlq stats|show|replay`.
+//! - [`dlq`]: `streamctl dlq stats|show|replay`, from the topic or the archive.
 //! - [`scratch`]: private topics and databases for tests and measurements.
 //! - [`topics`]: `streamctl topics ensure`, the topics through the Kafka admin API.
 
 pub mod admin;
+pub mod archive;
 pub mod audit;
 pub mod chart;
 pub mod config;

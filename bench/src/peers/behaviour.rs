@@ -486,6 +486,7 @@ mod tests {
                 .iter()
                 .map(|(name, value)| (name.to_string(), value.to_string()))
                 .collect(),
+            timestamp_ms: None,
         }
     }
 

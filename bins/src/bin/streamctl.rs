@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use stream_bins::config::{parse_or_exit, ConnectionArgs, SqsArgs};
-use stream_bins::dlq::DlqFilter;
+use stream_bins::dlq::{DlqFilter, DlqSource};
 
 /// Operate and inspect the streaming pipeline.
 #[derive(Debug, Parser)]
@@ -80,10 +80,11 @@ enum Command {
         #[arg(long, env = "ADMIN_TOKEN_FILE")]
         admin_token_file: Option<std::path::PathBuf>,
     },
-    /// The dead-letter topic: stats, show, replay.
+    /// The dead letters: stats, show, replay (from the topic or the
+    /// archive), and archive them to S3-compatible storage.
     Dlq {
         #[command(subcommand)]
-        command: DlqCommand,
+        command: Box<DlqCommand>,
     },
     /// A live view from Prometheus: rates, lag, mailbox depth, restarts, SLI
     /// and error budget left. Draws on a terminal (q quits); prints a plain
@@ -157,6 +158,8 @@ enum DlqCommand {
         connections: ConnectionArgs,
         #[command(flatten)]
         filter: DlqFilter,
+        #[command(flatten)]
+        source: DlqSource,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -167,6 +170,8 @@ enum DlqCommand {
         connections: ConnectionArgs,
         #[command(flatten)]
         filter: DlqFilter,
+        #[command(flatten)]
+        source: DlqSource,
         /// The most records to print.
         #[arg(long, default_value_t = 20)]
         limit: usize,
@@ -179,6 +184,8 @@ enum DlqCommand {
         connections: ConnectionArgs,
         #[command(flatten)]
         filter: DlqFilter,
+        #[command(flatten)]
+        source: DlqSource,
         /// Publish for real.
         #[arg(long)]
         execute: bool,
@@ -186,6 +193,13 @@ enum DlqCommand {
         #[arg(long, default_value_t = 1)]
         max_replays: u32,
     },
+    /// Move dead letters into S3-compatible object storage, where the
+    /// topic's retention cannot delete them: gzip-compressed JSON Lines under
+    /// <dlq-topic>/dt=YYYY-MM-DD/hr=HH/, named by their first position in the
+    /// dead-letter topic, each with a manifest. Resumes where the archive
+    /// ends, so a run killed at any point and run again writes every dead
+    /// letter once. Prints a line per object.
+    Archive(Box<stream_bins::archive::ArchiveArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -277,7 +291,7 @@ async fn main() {
             config_or_exit(connections.validate());
             report(&connections, wait_secs, json).await
         }
-        Command::Dlq { command } => dlq(command).await,
+        Command::Dlq { command } => dlq(*command).await,
         Command::Audit { connections, json } => {
             config_or_exit(connections.validate());
             audit(&connections, json).await
@@ -379,10 +393,11 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<i32> {
         DlqCommand::Stats {
             connections,
             filter,
+            source,
             json,
         } => {
             config_or_exit(connections.validate());
-            let records = stream_bins::dlq::read_dead_letters(&connections)?;
+            let records = source.read(&connections).await?;
             let stats = stream_bins::dlq::stats(&records, &connections.topic, &filter);
             if json {
                 println!("{}", serde_json::to_string(&stats)?);
@@ -407,10 +422,11 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<i32> {
         DlqCommand::Show {
             connections,
             filter,
+            source,
             limit,
         } => {
             config_or_exit(connections.validate());
-            let records = stream_bins::dlq::read_dead_letters(&connections)?;
+            let records = source.read(&connections).await?;
             for record in records
                 .iter()
                 .filter(|record| filter.accepts(record, &connections.topic))
@@ -422,12 +438,20 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<i32> {
         DlqCommand::Replay {
             connections,
             filter,
+            source,
             execute,
             max_replays,
         } => {
             config_or_exit(connections.validate());
-            let outcome =
-                stream_bins::dlq::replay(&connections, &filter, max_replays, execute).await?;
+            let records = source.read(&connections).await?;
+            let outcome = stream_bins::dlq::replay_records(
+                &connections,
+                &records,
+                &filter,
+                max_replays,
+                execute,
+            )
+            .await?;
             let verb = if execute {
                 "replayed"
             } else {
@@ -446,6 +470,31 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<i32> {
                 outcome.skipped_replay_limit,
                 outcome.skipped_envelopes
             );
+        }
+        DlqCommand::Archive(arguments) => {
+            config_or_exit(arguments.validate());
+            let faults =
+                config_or_exit(stream_actors::faults::Faults::from_env().map_err(|error| {
+                    stream_bins::config::ConfigError {
+                        flag: "STREAM_CRASH_AT",
+                        env: "STREAM_CRASH_AT",
+                        reason: error.to_string(),
+                    }
+                }));
+            let stop = async {
+                use tokio::signal::unix::{signal, SignalKind};
+                match (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) {
+                    (Ok(mut terminate), Ok(mut interrupt)) => tokio::select! {
+                        _ = terminate.recv() => {}
+                        _ = interrupt.recv() => {}
+                    },
+                    _ => std::future::pending().await,
+                }
+            };
+            stream_bins::archive::run(&arguments, &faults, stop).await?;
         }
     }
     Ok(0)
