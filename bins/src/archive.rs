@@ -670,15 +670,7 @@ impl Batch {
         self.records += 1;
         self.last_offset = record.offset;
         self.last_timestamp_ms = archived.timestamp_ms;
-        *self
-            .by_error_type
-            .entry(
-                record
-                    .header("dlq.error.type")
-                    .unwrap_or("unknown")
-                    .to_string(),
-            )
-            .or_insert(0) += 1;
+        crate::dlq::count_error_type(&mut self.by_error_type, record);
         let source = (
             record.header("dlq.source.topic"),
             record.header("dlq.source.partition"),

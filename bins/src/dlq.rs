@@ -131,6 +131,16 @@ impl DlqFilter {
     }
 }
 
+/// A dead letter's `dlq.error.type` ("unknown" without one).
+pub fn error_type(record: &ReadRecord) -> &str {
+    record.header("dlq.error.type").unwrap_or("unknown")
+}
+
+/// Counts `record` under its error type in `counts`.
+pub fn count_error_type(counts: &mut BTreeMap<String, u64>, record: &ReadRecord) {
+    *counts.entry(error_type(record).to_string()).or_insert(0) += 1;
+}
+
 /// Counts of the dead-letter topic.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct DlqStats {
@@ -174,10 +184,7 @@ pub fn stats(records: &[ReadRecord], source_topic: &str, filter: &DlqFilter) -> 
         let count = |map: &mut BTreeMap<String, u64>, key: &str| {
             *map.entry(key.to_string()).or_insert(0) += 1
         };
-        count(
-            &mut result.by_error_type,
-            record.header("dlq.error.type").unwrap_or("unknown"),
-        );
+        count_error_type(&mut result.by_error_type, record);
         count(
             &mut result.by_stage,
             record.header("dlq.stage").unwrap_or("unknown"),
@@ -300,15 +307,7 @@ pub async fn replay_records(
         } else if replay_count >= max_replays {
             outcome.skipped_replay_limit += 1;
         } else {
-            *outcome
-                .selected_by_error_type
-                .entry(
-                    record
-                        .header("dlq.error.type")
-                        .unwrap_or("unknown")
-                        .to_string(),
-                )
-                .or_insert(0) += 1;
+            count_error_type(&mut outcome.selected_by_error_type, record);
             selected.push((record, replay_count));
         }
     }

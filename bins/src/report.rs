@@ -154,14 +154,7 @@ pub async fn gather(connections: &ConnectionArgs) -> anyhow::Result<Report> {
         if !seen_sources.insert(source) {
             dead_letter_duplicates += 1;
         }
-        *dead_lettered_by_type
-            .entry(
-                record
-                    .header("dlq.error.type")
-                    .unwrap_or("unknown")
-                    .to_string(),
-            )
-            .or_insert(0) += 1;
+        crate::dlq::count_error_type(&mut dead_lettered_by_type, record);
     }
     let stored = postgres.rows as f64;
     let success_ratio = if stored + dead_lettered as f64 > 0.0 {

@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{run_binary, KillOnDrop, TestEnv};
+use common::{by_type, run_binary, run_until_caught_up, KillOnDrop, TestEnv};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -19,7 +19,6 @@ use stream_actors::faults::Faults;
 use stream_bins::archive::{self, hour_folder, Archive, ArchiveArgs, S3Args};
 use stream_bins::dlq::{self, DlqFilter};
 use stream_bins::inspect::{self, ReadRecord};
-use stream_supervisor::{start_pipeline, PipelineExit};
 
 const STREAMCTL: &str = env!("CARGO_BIN_EXE_streamctl");
 
@@ -37,14 +36,6 @@ fn s3_args(bucket: &str) -> S3Args {
 /// A bucket of this test's own (bucket names take no underscores).
 fn bucket_for(env: &TestEnv) -> String {
     format!("dlq-{}", env.config.dlq_topic.replace('_', "-")).to_lowercase()
-}
-
-async fn run_until_caught_up(env: &TestEnv, accepted_schema_versions: Vec<u32>) {
-    let mut config = env.config.clone();
-    config.accepted_schema_versions = accepted_schema_versions;
-    let pipeline = start_pipeline(config).await.expect("pipeline starts");
-    env.wait_for_catch_up(Duration::from_secs(120)).await;
-    assert_eq!(pipeline.shutdown().await, PipelineExit::Stopped);
 }
 
 /// Records whose payload and key are not UTF-8: their dead letters are
@@ -343,10 +334,7 @@ async fn dead_letters_the_topic_lost_are_replayed_from_the_archive_once() {
         stats.by_error_type["unknown_schema_version"],
         unknown_version
     );
-    let by_type = DlqFilter {
-        error_type: Some("unknown_schema_version".into()),
-        ..DlqFilter::default()
-    };
+    let by_type = by_type("unknown_schema_version");
     let replayed = dlq::replay_records(&connections, &records, &by_type, 1, true)
         .await
         .unwrap();

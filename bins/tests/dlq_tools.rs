@@ -6,26 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestEnv;
+use common::{by_type, run_until_caught_up, TestEnv};
 use stream_actors::dlq_writer::REPLAY_COUNT_HEADER;
 use stream_bins::dlq::{self, DlqFilter};
 use stream_bins::inspect;
-use stream_supervisor::{start_pipeline, PipelineExit};
-
-async fn run_until_caught_up(env: &TestEnv, accepted_schema_versions: Vec<u32>) {
-    let mut config = env.config.clone();
-    config.accepted_schema_versions = accepted_schema_versions;
-    let pipeline = start_pipeline(config).await.expect("pipeline starts");
-    env.wait_for_catch_up(Duration::from_secs(120)).await;
-    assert_eq!(pipeline.shutdown().await, PipelineExit::Stopped);
-}
-
-fn by_type(error_type: &str) -> DlqFilter {
-    DlqFilter {
-        error_type: Some(error_type.to_string()),
-        ..DlqFilter::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_lands_fixed_records_once_and_never_loops_on_poison() {

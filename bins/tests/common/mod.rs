@@ -355,3 +355,26 @@ impl Drop for BrokerCrash {
         }
     }
 }
+
+/// Runs the pipeline in this process on `env`, accepting these schema
+/// versions, until it caught up with the topic; then stops it.
+pub async fn run_until_caught_up(env: &TestEnv, accepted_schema_versions: Vec<u32>) {
+    let mut config = env.config.clone();
+    config.accepted_schema_versions = accepted_schema_versions;
+    let pipeline = stream_supervisor::start_pipeline(config)
+        .await
+        .expect("pipeline starts");
+    env.wait_for_catch_up(Duration::from_secs(120)).await;
+    assert_eq!(
+        pipeline.shutdown().await,
+        stream_supervisor::PipelineExit::Stopped
+    );
+}
+
+/// The dead letters of one error type.
+pub fn by_type(error_type: &str) -> stream_bins::dlq::DlqFilter {
+    stream_bins::dlq::DlqFilter {
+        error_type: Some(error_type.to_string()),
+        ..stream_bins::dlq::DlqFilter::default()
+    }
+}
