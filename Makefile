@@ -79,6 +79,8 @@ wait:
 	$(K) -n platform rollout status deployment/processor --timeout=$(TIMEOUT)
 	$(K) -n platform rollout status deployment/sqs-consumer --timeout=$(TIMEOUT)
 	$(K) -n platform rollout status deployment/lag-exporter --timeout=$(TIMEOUT)
+	$(K) -n platform rollout status statefulset/minio --timeout=$(TIMEOUT)
+	$(K) -n platform rollout status deployment/dlq-archiver --timeout=$(TIMEOUT)
 	$(K) -n observability rollout status statefulset/prometheus --timeout=$(TIMEOUT)
 	$(K) -n observability rollout status deployment/alertmanager --timeout=$(TIMEOUT)
 	$(K) -n observability rollout status deployment/grafana --timeout=$(TIMEOUT)

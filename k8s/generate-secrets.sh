@@ -83,6 +83,10 @@ write sqs.env \
   "AWS_ACCESS_KEY_ID=$(random 10)" \
   "AWS_SECRET_ACCESS_KEY=$(random 20)"
 
+# MinIO's root user, which the DLQ archiver signs its S3 requests as.
+write s3.env \
+  "AWS_ACCESS_KEY_ID=$(random 10)" \
+  "AWS_SECRET_ACCESS_KEY=$(random 20)"
 # The processor's admin token (POST /actors/<name>/kill|panic|hang): 64 hex
 # characters, mounted as a file (ADMIN_TOKEN_FILE).
 write processor-admin-token.env "token=$(random 32)"

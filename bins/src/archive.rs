@@ -143,6 +143,16 @@ impl S3Args {
             // servers do not all know the newer flexible checksums.
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            // No call waits forever: an endpoint that accepts and never
+            // answers is an error the archiver reports (and, following, dies
+            // of, to be restarted), not a loop that stands still.
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(30))
+                    .operation_timeout(Duration::from_secs(120))
+                    .build(),
+            )
             .build();
         Ok(Archive {
             client: Client::from_conf(config),
@@ -721,6 +731,12 @@ pub struct ArchiveArgs {
     /// Create the bucket when it does not exist.
     #[arg(long)]
     pub create_bucket: bool,
+    /// Serve `/metrics` (dead letters and objects archived, each partition's
+    /// archived offset, dead letters held in open batches) and `/healthz`
+    /// (503 when the archiver's loop has not turned for 30 s) on this
+    /// address, e.g. 0.0.0.0:9468.
+    #[arg(long, env = "DLQ_ARCHIVER_ADDR")]
+    pub serve: Option<std::net::SocketAddr>,
 }
 
 impl ArchiveArgs {
@@ -776,6 +792,118 @@ impl ArchiveArgs {
     }
 }
 
+/// How long the archiver's loop may stand still before `/healthz` says so.
+const STUCK_AFTER: Duration = Duration::from_secs(30);
+
+/// The archiver's metrics (a recorder of its own) and the last turn of its loop.
+#[derive(Clone)]
+struct Telemetry {
+    recorder: std::sync::Arc<metrics_exporter_prometheus::PrometheusRecorder>,
+    turned: std::sync::Arc<parking_lot::Mutex<Instant>>,
+    dlq_topic: String,
+}
+
+impl Telemetry {
+    fn new(dlq_topic: &str) -> Telemetry {
+        Telemetry {
+            recorder: std::sync::Arc::new(
+                metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder(),
+            ),
+            turned: std::sync::Arc::new(parking_lot::Mutex::new(Instant::now())),
+            dlq_topic: dlq_topic.to_string(),
+        }
+    }
+
+    fn turned(&self) {
+        *self.turned.lock() = Instant::now();
+    }
+
+    fn written(&self, manifest: &Manifest) {
+        let topic = self.dlq_topic.clone();
+        metrics::with_local_recorder(&*self.recorder, || {
+            metrics::counter!("stream_dlq_archive_records_total", "dlq_topic" => topic.clone())
+                .increment(manifest.records);
+            metrics::counter!("stream_dlq_archive_objects_total", "dlq_topic" => topic.clone())
+                .increment(1);
+            metrics::counter!("stream_dlq_archive_bytes_total", "dlq_topic" => topic.clone())
+                .increment(manifest.compressed_bytes);
+            metrics::gauge!(
+                "stream_dlq_archive_next_offset",
+                "dlq_topic" => topic.clone(),
+                "partition" => manifest.dlq_partition.to_string()
+            )
+            .set((manifest.last_offset + 1) as f64);
+            metrics::gauge!("stream_dlq_archive_last_write_timestamp_seconds", "dlq_topic" => topic)
+                .set(now_ms() as f64 / 1000.0);
+        });
+    }
+
+    fn started(&self, resumed_at: &BTreeMap<i32, i64>, expired: &BTreeMap<i32, (i64, i64)>) {
+        let topic = self.dlq_topic.clone();
+        metrics::with_local_recorder(&*self.recorder, || {
+            for (partition, offset) in resumed_at {
+                metrics::gauge!(
+                    "stream_dlq_archive_next_offset",
+                    "dlq_topic" => topic.clone(),
+                    "partition" => partition.to_string()
+                )
+                .set(*offset as f64);
+            }
+            let lost: i64 = expired.values().map(|(first, end)| end - first).sum();
+            metrics::counter!("stream_dlq_archive_expired_records_total", "dlq_topic" => topic.clone())
+                .increment(lost as u64);
+            metrics::counter!("stream_dlq_archive_records_total", "dlq_topic" => topic.clone())
+                .increment(0);
+            metrics::counter!("stream_dlq_archive_objects_total", "dlq_topic" => topic)
+                .increment(0);
+        });
+    }
+
+    fn holding(&self, batches: &BTreeMap<i32, Batch>) {
+        let held: u64 = batches.values().map(|batch| batch.records).sum();
+        let topic = self.dlq_topic.clone();
+        metrics::with_local_recorder(&*self.recorder, || {
+            metrics::gauge!("stream_dlq_archive_open_records", "dlq_topic" => topic)
+                .set(held as f64);
+        });
+    }
+
+    /// Serves `/metrics` and `/healthz` on `listener`.
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        use axum::http::{header, StatusCode};
+        use axum::routing::get;
+        let handle = self.recorder.handle();
+        let turned = self.turned.clone();
+        let app = crate::admin::with_limits(
+            axum::Router::new()
+                .route(
+                    "/metrics",
+                    get(move || {
+                        let body = handle.render();
+                        async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+                    }),
+                )
+                .route(
+                    "/healthz",
+                    get(move || {
+                        let still = turned.lock().elapsed();
+                        async move {
+                            if still > STUCK_AFTER {
+                                (
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    format!("the archiver's loop has not turned for {still:?}\n"),
+                                )
+                            } else {
+                                (StatusCode::OK, "ok\n".to_string())
+                            }
+                        }
+                    }),
+                ),
+        );
+        tokio::spawn(crate::admin::serve_router(listener, app));
+    }
+}
+
 /// What a run of the archiver did.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct ArchiveOutcome {
@@ -799,8 +927,18 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<ArchiveOutcome> {
     let (brokers, archive) = args.validate()?;
-    archive.ensure_bucket(args.create_bucket).await?;
     let dlq_topic = args.connections.dlq_topic.clone();
+    let telemetry = Telemetry::new(&dlq_topic);
+    if let Some(address) = args.serve {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| {
+                format!("invalid setting --serve (DLQ_ARCHIVER_ADDR): cannot listen on {address}")
+            })?;
+        telemetry.serve(listener);
+        eprintln!("streamctl dlq archive: /metrics and /healthz at http://{address}");
+    }
+    archive.ensure_bucket(args.create_bucket).await?;
     let consumer: StreamConsumer = brokers
         .client_config()
         .set("group.id", &args.archiver_group)
@@ -844,6 +982,7 @@ pub async fn run(
         ends.insert(partition, high);
         assignment.add_partition_offset(&dlq_topic, partition, Offset::Offset(start))?;
     }
+    telemetry.started(&outcome.resumed_at, &outcome.expired);
     let until = if args.follow {
         " (following; SIGTERM or SIGINT to stop)".to_string()
     } else {
@@ -874,6 +1013,8 @@ pub async fn run(
     tokio::pin!(stop);
     let mut done: std::collections::BTreeSet<i32> = std::collections::BTreeSet::new();
     loop {
+        telemetry.turned();
+        telemetry.holding(&batches);
         if !args.follow && done.len() == ends.len() {
             break;
         }
@@ -887,7 +1028,7 @@ pub async fn run(
                     .collect();
                 for partition in aged {
                     let batch = batches.remove(&partition).expect("listed above");
-                    flush(&archive, &consumer, batch, faults, &mut outcome).await?;
+                    flush(&archive, &consumer, batch, faults, &telemetry, &mut outcome).await?;
                 }
                 if !args.follow {
                     // Gaps at the end (transaction markers) never arrive as
@@ -897,7 +1038,7 @@ pub async fn run(
                         if let (Offset::Offset(position), Some(end)) = (element.offset(), ends.get(&element.partition())) {
                             if position >= *end && done.insert(element.partition()) {
                                 if let Some(batch) = batches.remove(&element.partition()) {
-                                    flush(&archive, &consumer, batch, faults, &mut outcome).await?;
+                                    flush(&archive, &consumer, batch, faults, &telemetry, &mut outcome).await?;
                                 }
                             }
                         }
@@ -915,7 +1056,7 @@ pub async fn run(
                 let folder = hour_folder(filed_at(&record));
                 if batches.get(&partition).is_some_and(|batch| batch.folder != folder) {
                     let batch = batches.remove(&partition).expect("checked above");
-                    flush(&archive, &consumer, batch, faults, &mut outcome).await?;
+                    flush(&archive, &consumer, batch, faults, &telemetry, &mut outcome).await?;
                 }
                 let batch = batches
                     .entry(partition)
@@ -927,7 +1068,7 @@ pub async fn run(
                     && ends.get(&partition).is_some_and(|end| record.offset + 1 >= *end);
                 if full || at_end {
                     let batch = batches.remove(&partition).expect("added above");
-                    flush(&archive, &consumer, batch, faults, &mut outcome).await?;
+                    flush(&archive, &consumer, batch, faults, &telemetry, &mut outcome).await?;
                 }
                 if at_end {
                     done.insert(partition);
@@ -936,8 +1077,9 @@ pub async fn run(
         }
     }
     for (_, batch) in std::mem::take(&mut batches) {
-        flush(&archive, &consumer, batch, faults, &mut outcome).await?;
+        flush(&archive, &consumer, batch, faults, &telemetry, &mut outcome).await?;
     }
+    telemetry.holding(&batches);
     println!(
         "archived {} dead letters in {} objects",
         outcome.records, outcome.objects
@@ -950,9 +1092,11 @@ async fn flush(
     consumer: &StreamConsumer,
     batch: Batch,
     faults: &Faults,
+    telemetry: &Telemetry,
     outcome: &mut ArchiveOutcome,
 ) -> anyhow::Result<()> {
     let manifest = archive.write(&batch, faults).await?;
+    telemetry.written(&manifest);
     println!(
         "{}/{} offsets {}..={}: {} dead letters, {} bytes gzip -> s3://{}/{}",
         manifest.dlq_topic,

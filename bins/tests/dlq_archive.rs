@@ -154,8 +154,11 @@ async fn a_killed_archiver_run_again_archives_every_dead_letter_once() {
         "two objects with manifests, one without: {keys:?}"
     );
 
+    let before_crash = manifests_cover(&archive, &dlq_topic).await;
+
     // 2. Follow; SIGKILL once every partition has less than a batch left,
     //    some of it read and held in an open batch.
+    let serve = format!("127.0.0.1:{}", common::free_port());
     let mut follower = KillOnDrop(
         std::process::Command::new(STREAMCTL)
             .args(archive_command(
@@ -167,6 +170,8 @@ async fn a_killed_archiver_run_again_archives_every_dead_letter_once() {
                     &batch_flag,
                     "--max-batch-age-secs",
                     "600",
+                    "--serve",
+                    &serve,
                 ],
             ))
             .env_remove("KAFKA_BROKERS")
@@ -188,6 +193,24 @@ async fn a_killed_archiver_run_again_archives_every_dead_letter_once() {
         },
     )
     .await;
+    // Its metrics say what it wrote and what it holds; it is healthy.
+    let archived_now: i64 = manifests_cover(&archive, &dlq_topic)
+        .await
+        .iter()
+        .map(|(partition, next)| next - before_crash.get(partition).copied().unwrap_or(0))
+        .sum();
+    assert!(
+        common::within(Duration::from_secs(10), || {
+            common::scrape(&serve, "stream_dlq_archive_records_total", "")
+                == Some(archived_now as f64)
+                && common::scrape(&serve, "stream_dlq_archive_open_records", "")
+                    .is_some_and(|held| held > 0.0)
+        })
+        .await,
+        "{:?}",
+        common::http_get(&serve, "/metrics")
+    );
+    assert_eq!(common::http_get(&serve, "/healthz").unwrap().0, 200);
     follower.0.kill().unwrap();
     follower.0.wait().unwrap();
     let before_rerun = manifests_cover(&archive, &dlq_topic).await;
@@ -304,6 +327,7 @@ async fn dead_letters_the_topic_lost_are_replayed_from_the_archive_once() {
         max_batch_age_secs: 300,
         archiver_group: format!("{}-archiver", env.config.group_id),
         create_bucket: true,
+        serve: None,
     };
     let outcome = archive::run(&arguments, &Faults::none(), std::future::pending())
         .await

@@ -37,7 +37,8 @@ and the glue: metrics ports and scrape annotations agree with METRICS_ADDR
 (the lag exporter's --serve), probes use /healthz (and the processor's
 /readyz) where the binary serves it, the lag exporter runs one replica of
 `streamctl lag --serve` on the processor's group and topic with the
-checkpoint (POSTGRES_URL), the processor runs 2 replicas in one group under a
+checkpoint (POSTGRES_URL), the DLQ archiver one replica (Recreate) of
+`streamctl dlq archive --follow` on the processor's dead-letter topic, the processor runs 2 replicas in one group under a
 PodDisruptionBudget, as static members (KAFKA_GROUP_INSTANCE_ID is the pod
 name), with a SESSION_TIMEOUT_MS, if set, within Kafka's default
 group.min/max.session.timeout.ms (6000..300000), the ConfigMaps
@@ -407,10 +408,12 @@ def rule_env(docs, project_image, settings=binary_settings):
 PROBE_PATHS = {
     "processor": {"livenessProbe": "/healthz", "readinessProbe": "/readyz"},
     "streamctl lag": {"livenessProbe": "/healthz", "readinessProbe": "/healthz"},
+    "streamctl dlq archive": {"livenessProbe": "/healthz", "readinessProbe": "/healthz"},
 }
 # Where a binary (or subcommand) is told to serve /metrics: (flag, env); the
 # binaries with a metrics endpoint but these take METRICS_ADDR.
-METRICS_SETTING = {"streamctl lag": ("--serve", "LAG_EXPORTER_ADDR")}
+METRICS_SETTING = {"streamctl lag": ("--serve", "LAG_EXPORTER_ADDR"),
+                   "streamctl dlq archive": ("--serve", "DLQ_ARCHIVER_ADDR")}
 
 
 def metrics_address(container):
@@ -535,6 +538,50 @@ def rule_lag_exporter(docs, project_image):
         if measured != consumed:
             bad.append("%s: %s %r, the processor's is %r: it measures another group's lag"
                        % (LAG_EXPORTER, env, measured, consumed))
+    return bad
+
+
+DLQ_ARCHIVER = "dlq-archiver"
+
+
+def rule_dlq_archiver(docs, project_image):
+    """The DLQ archiver: one replica, replaced not rolled (two archivers of a topic would write the same
+    objects side by side), of `streamctl dlq archive --follow` on the processor's dead-letter topic, in a
+    group of its own, writing to an S3 endpoint that is a Service here."""
+    deployment = find(docs, "Deployment", DLQ_ARCHIVER)
+    if deployment is None:
+        return ["no Deployment %s: dead letters live only as long as the topic's retention" % DLQ_ARCHIVER]
+    bad = []
+    if deployment["spec"].get("replicas", 1) != 1:
+        bad.append("%s: replicas %s, want 1" % (DLQ_ARCHIVER, deployment["spec"].get("replicas")))
+    if (deployment["spec"].get("strategy") or {}).get("type") != "Recreate":
+        bad.append("%s: strategy is not Recreate: a rollout would run two archivers at once" % DLQ_ARCHIVER)
+    container = next((c for c in deployment["spec"]["template"]["spec"]["containers"]
+                      if c.get("image") == project_image), None)
+    if container is None:
+        return bad + ["%s: no container runs %s" % (DLQ_ARCHIVER, project_image)]
+    argv = container_command(container)
+    if argv[:3] != ["streamctl", "dlq", "archive"]:
+        return bad + ["%s: runs %r, not `streamctl dlq archive`" % (DLQ_ARCHIVER, argv)]
+    if "--follow" not in argv:
+        bad.append("%s: no --follow: it would archive once and exit" % DLQ_ARCHIVER)
+    processor = find(docs, "Deployment", "processor")
+    consumer = next((c for c in (processor or {}).get("spec", {}).get("template", {}).get("spec", {})
+                     .get("containers", []) if c.get("image") == project_image), None)
+    if consumer is None:
+        return bad + ["no processor container: whose dead letters does %s archive?" % DLQ_ARCHIVER]
+    archived = flag_or_env(container, "--dlq-topic", "KAFKA_DLQ_TOPIC") or "events.dlq"
+    written = flag_or_env(consumer, "--dlq-topic", "KAFKA_DLQ_TOPIC") or "events.dlq"
+    if archived != written:
+        bad.append("%s: KAFKA_DLQ_TOPIC %r, the processor writes %r" % (DLQ_ARCHIVER, archived, written))
+    group = flag_or_env(container, "--archiver-group", "DLQ_ARCHIVER_GROUP") or "dlq-archiver"
+    if group == (flag_or_env(consumer, "--group", "KAFKA_GROUP") or "processor"):
+        bad.append("%s: DLQ_ARCHIVER_GROUP %r is the processor's group" % (DLQ_ARCHIVER, group))
+    endpoint = urllib.parse.urlsplit(flag_or_env(container, "--s3-endpoint", "S3_ENDPOINT") or "")
+    host = (endpoint.hostname or "").split(".")[0]
+    service = find(docs, "Service", host)
+    if service is None or not any(str(p.get("port")) == str(endpoint.port) for p in service["spec"].get("ports", [])):
+        bad.append("%s: S3_ENDPOINT %s is no Service port here" % (DLQ_ARCHIVER, endpoint.geturl() or "(unset)"))
     return bad
 
 
@@ -1412,6 +1459,8 @@ PLATFORM_FLOWS = {
     ("prometheus", "processor", 9464), ("prometheus", "sqs-consumer", 9466), ("prometheus", "loadgen", 9465),
     # The lag exporter reads the broker and the checkpoints; Prometheus scrapes it.
     ("lag-exporter", "kafka", 9092), ("lag-exporter", "postgres", 5432), ("prometheus", "lag-exporter", 9467),
+    # The DLQ archiver reads the dead-letter topic and writes MinIO; Prometheus scrapes it.
+    ("dlq-archiver", "kafka", 9092), ("dlq-archiver", "minio", 9000), ("prometheus", "dlq-archiver", 9468),
 }
 OBSERVABILITY_FLOWS = {
     ("grafana", "prometheus", 9090), ("prometheus", "prometheus", 9090),
@@ -1619,6 +1668,10 @@ class Manifests(unittest.TestCase):
     def test_lag_exporter(self):
         """the lag exporter: 1 replica of streamctl lag --serve, the processor's group and topic, with the checkpoint"""
         self.assertHolds(rule_lag_exporter(DOCS, IMAGE))
+
+    def test_dlq_archiver(self):
+        """the DLQ archiver: 1 replica, Recreate, streamctl dlq archive --follow on the processor's dead-letter topic, to an S3 Service"""
+        self.assertHolds(rule_dlq_archiver(DOCS, IMAGE))
 
     def test_broker(self):
         """the broker: apache/kafka, one KRaft node, log dirs on its PVC, no auto-created topics, replication factor 1"""
@@ -1856,6 +1909,25 @@ class NegativeSelfChecks(unittest.TestCase):
             self.assertIn(words, violations[0])
         violations = rule_lag_exporter([d for d in DOCS if name_of(d) != "Deployment/" + LAG_EXPORTER], IMAGE)
         self.assertEqual(1, len(violations), violations)
+
+    def test_dlq_archiver(self):
+        """self-check: two archivers, a rolling update, no --follow, another topic, the processor's group, no S3 Service are rejected"""
+        def archiver(docs):
+            return find(docs, "Deployment", DLQ_ARCHIVER)["spec"]["template"]["spec"]["containers"][0]
+
+        self.assertEqual([], rule_dlq_archiver(DOCS, IMAGE))
+        for change, words in (
+                (lambda docs: find(docs, "Deployment", DLQ_ARCHIVER)["spec"].update(replicas=2), "want 1"),
+                (lambda docs: find(docs, "Deployment", DLQ_ARCHIVER)["spec"].update(strategy={"type": "RollingUpdate"}),
+                 "not Recreate"),
+                (lambda docs: archiver(docs).update(command=[w for w in archiver(docs)["command"] if w != "--follow"]),
+                 "no --follow"),
+                (lambda docs: set_env(archiver(docs), "KAFKA_DLQ_TOPIC", "other.dlq"), "KAFKA_DLQ_TOPIC 'other.dlq'"),
+                (lambda docs: set_env(archiver(docs), "DLQ_ARCHIVER_GROUP", "processor"), "processor's group"),
+                (lambda docs: set_env(archiver(docs), "S3_ENDPOINT", "http://nowhere:9000"), "no Service port")):
+            violations = rule_dlq_archiver(self.rendered(change), IMAGE)
+            self.assertEqual(1, len(violations), (words, violations))
+            self.assertIn(words, violations[0])
 
     def test_good_broker_passes(self):
         """self-check: the good one-node KRaft broker passes the broker rules"""
