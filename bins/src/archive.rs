@@ -913,6 +913,9 @@ pub struct ArchiveOutcome {
     pub records: u64,
     /// Per partition, the offset the run started at.
     pub resumed_at: BTreeMap<i32, i64>,
+    /// Per partition, where the archive ends after the run (one past the
+    /// last archived offset, or the first offset retention kept).
+    pub archived_next: BTreeMap<i32, i64>,
     /// Per partition, dead letters the topic's retention deleted before they
     /// were archived: (first, end) offsets.
     pub expired: BTreeMap<i32, (i64, i64)>,
@@ -976,6 +979,7 @@ pub async fn run(
         }
         let start = resume.max(low);
         outcome.resumed_at.insert(partition, start);
+        outcome.archived_next.insert(partition, start);
         if !args.follow && start >= high {
             continue;
         }
@@ -989,6 +993,7 @@ pub async fn run(
         format!(" up to {ends:?}")
     };
     if ends.is_empty() {
+        commit_progress(&consumer, &dlq_topic, &outcome.archived_next);
         println!(
             "nothing to archive: s3://{}/{} reaches the end of every partition of {dlq_topic} {:?}",
             archive.bucket(),
@@ -1080,6 +1085,7 @@ pub async fn run(
         flush(&archive, &consumer, batch, faults, &telemetry, &mut outcome).await?;
     }
     telemetry.holding(&batches);
+    commit_progress(&consumer, &dlq_topic, &outcome.archived_next);
     println!(
         "archived {} dead letters in {} objects",
         outcome.records, outcome.objects
@@ -1110,6 +1116,9 @@ async fn flush(
     );
     outcome.objects += 1;
     outcome.records += manifest.records;
+    outcome
+        .archived_next
+        .insert(manifest.dlq_partition, manifest.last_offset + 1);
     let mut committed = TopicPartitionList::new();
     committed.add_partition_offset(
         &manifest.dlq_topic,
@@ -1122,6 +1131,27 @@ async fn flush(
         warn!(%error, "cannot commit the archiver's progress to its group");
     }
     Ok(())
+}
+
+/// Commits where the archive ends to the archiver's group and waits for the
+/// broker's answer: at the end of a run, so the group shows the archive's
+/// end even when an earlier run's asynchronous commits were lost.
+fn commit_progress(consumer: &StreamConsumer, dlq_topic: &str, next: &BTreeMap<i32, i64>) {
+    let mut committed = TopicPartitionList::new();
+    for (partition, offset) in next.iter().filter(|(_, offset)| **offset > 0) {
+        if let Err(error) =
+            committed.add_partition_offset(dlq_topic, *partition, Offset::Offset(*offset))
+        {
+            warn!(%error, "cannot commit the archiver's progress to its group");
+            return;
+        }
+    }
+    if committed.count() == 0 {
+        return;
+    }
+    if let Err(error) = consumer.commit(&committed, CommitMode::Sync) {
+        warn!(%error, "cannot commit the archiver's progress to its group");
+    }
 }
 
 #[cfg(test)]
