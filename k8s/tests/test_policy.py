@@ -502,6 +502,13 @@ def rule_processor(docs, project_image):
 LAG_EXPORTER = "lag-exporter"
 
 
+def processor_container(docs, project_image):
+    """The processor Deployment's container of the project's image, or None."""
+    processor = find(docs, "Deployment", "processor")
+    return next((c for c in (processor or {}).get("spec", {}).get("template", {}).get("spec", {})
+                 .get("containers", []) if c.get("image") == project_image), None)
+
+
 def rule_lag_exporter(docs, project_image):
     """The lag exporter: one replica of `streamctl lag --serve` labelled lag-exporter (the
     rules' job), measuring the processor's group on the processor's topic, with the
@@ -527,9 +534,7 @@ def rule_lag_exporter(docs, project_image):
         bad.append("%s: no --serve (LAG_EXPORTER_ADDR): it would print one table and exit" % LAG_EXPORTER)
     if env_entry(container, "POSTGRES_URL") is None and flag_or_env(container, "--postgres-url", "POSTGRES_URL") is None:
         bad.append("%s: no POSTGRES_URL: the checkpoint lag (stream_checkpoint_lag) is not exported" % LAG_EXPORTER)
-    processor = find(docs, "Deployment", "processor")
-    consumer = next((c for c in (processor or {}).get("spec", {}).get("template", {}).get("spec", {})
-                     .get("containers", []) if c.get("image") == project_image), None)
+    consumer = processor_container(docs, project_image)
     if consumer is None:
         return bad + ["no processor container: whose lag does %s measure?" % LAG_EXPORTER]
     for flag, env, default in (("--group", "KAFKA_GROUP", "processor"), ("--topic", "KAFKA_TOPIC", "events")):
@@ -565,9 +570,7 @@ def rule_dlq_archiver(docs, project_image):
         return bad + ["%s: runs %r, not `streamctl dlq archive`" % (DLQ_ARCHIVER, argv)]
     if "--follow" not in argv:
         bad.append("%s: no --follow: it would archive once and exit" % DLQ_ARCHIVER)
-    processor = find(docs, "Deployment", "processor")
-    consumer = next((c for c in (processor or {}).get("spec", {}).get("template", {}).get("spec", {})
-                     .get("containers", []) if c.get("image") == project_image), None)
+    consumer = processor_container(docs, project_image)
     if consumer is None:
         return bad + ["no processor container: whose dead letters does %s archive?" % DLQ_ARCHIVER]
     archived = flag_or_env(container, "--dlq-topic", "KAFKA_DLQ_TOPIC") or "events.dlq"
