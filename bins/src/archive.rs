@@ -947,6 +947,10 @@ pub async fn run(
         .set("group.id", &args.archiver_group)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        // Fallen so far behind that retention deleted the next dead letters
+        // (only while following): go on from the first one kept, never from
+        // the end, which would skip every dead letter in between.
+        .set("auto.offset.reset", "earliest")
         .set("queued.max.messages.kbytes", "16384")
         .create()
         .with_context(|| format!("cannot create a kafka client for {brokers}"))?;
