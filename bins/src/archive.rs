@@ -1022,14 +1022,15 @@ pub async fn run(
     tokio::pin!(stop);
     let mut done: std::collections::BTreeSet<i32> = std::collections::BTreeSet::new();
     loop {
-        telemetry.turned();
-        telemetry.holding(&batches);
         if !args.follow && done.len() == ends.len() {
             break;
         }
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => {
+                // Once a second, not per record: the health and the gauge.
+                telemetry.turned();
+                telemetry.holding(&batches);
                 let aged: Vec<i32> = batches
                     .iter()
                     .filter(|(_, batch)| batch.opened.elapsed() >= max_age)

@@ -34,6 +34,21 @@ pub mod sqs_consumer;
 pub mod topics;
 pub mod watch;
 
+/// SIGTERM or SIGINT, for the binaries' long runs: registers both handlers
+/// now (so a signal that comes before the future is polled is not lost) and
+/// returns a future that completes with the name of the first to arrive.
+pub fn termination() -> std::io::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => "sigterm",
+            _ = interrupt.recv() => "sigint",
+        }
+    })
+}
+
 /// Sets up `tracing` to stderr (coloured only on a terminal); `RUST_LOG`
 /// overrides the default level.
 pub fn init_tracing() {

@@ -9,7 +9,6 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use stream_actors::faults::Faults;
 use stream_actors::PipelineConfig;
 use stream_supervisor::{start_pipeline_with, PipelineExit, RestartPolicy};
-use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
 fn metrics_builder() -> anyhow::Result<PrometheusBuilder> {
@@ -91,11 +90,9 @@ pub async fn run(
         tokio::spawn(crate::admin::serve(listener, target));
     }
     let mut exit = pipeline.exit.clone();
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+    let termination = crate::termination()?;
     tokio::select! {
-        _ = terminate.recv() => info!("sigterm received"),
-        _ = interrupt.recv() => info!("sigint received"),
+        signal = termination => info!("{signal} received"),
         _ = exit.wait_for(|state| *state != PipelineExit::Running) => {}
     }
     let outcome = if *pipeline.exit.borrow() == PipelineExit::Running {

@@ -4,18 +4,15 @@
 use stream_actors::sqs_consumer::{SqsConsumerActor, SqsConsumerArgs};
 use stream_supervisor::solo::start_solo;
 use stream_supervisor::PipelineExit;
-use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
 /// Runs until a signal or a failure; returns the process exit code.
 pub async fn run(arguments: SqsConsumerArgs) -> anyhow::Result<i32> {
     let handle = start_solo("sqs_consumer", SqsConsumerActor, arguments).await?;
     let mut exit = handle.exit.clone();
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+    let termination = crate::termination()?;
     tokio::select! {
-        _ = terminate.recv() => info!("sigterm received"),
-        _ = interrupt.recv() => info!("sigint received"),
+        signal = termination => info!("{signal} received"),
         _ = exit.wait_for(|state| *state != PipelineExit::Running) => {}
     }
     match handle.shutdown().await {

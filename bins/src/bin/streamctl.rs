@@ -473,26 +473,17 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<i32> {
         }
         DlqCommand::Archive(arguments) => {
             config_or_exit(arguments.validate());
-            let faults =
-                config_or_exit(stream_actors::faults::Faults::from_env().map_err(|error| {
-                    stream_bins::config::ConfigError {
-                        flag: "STREAM_CRASH_AT",
-                        env: "STREAM_CRASH_AT",
-                        reason: error.to_string(),
-                    }
-                }));
+            // Its warnings (dead letters retention deleted first, lost
+            // commits) and the bucket's creation go to stderr.
+            stream_bins::init_tracing();
+            let faults = stream_actors::faults::Faults::from_env().unwrap_or_else(|fault_error| {
+                eprintln!("error: {fault_error}");
+                std::process::exit(2);
+            });
+            let termination = stream_bins::termination()?;
             let stop = async {
-                use tokio::signal::unix::{signal, SignalKind};
-                match (
-                    signal(SignalKind::terminate()),
-                    signal(SignalKind::interrupt()),
-                ) {
-                    (Ok(mut terminate), Ok(mut interrupt)) => tokio::select! {
-                        _ = terminate.recv() => {}
-                        _ = interrupt.recv() => {}
-                    },
-                    _ => std::future::pending().await,
-                }
+                let signal = termination.await;
+                tracing::info!("{signal} received: closing the open batches");
             };
             stream_bins::archive::run(&arguments, &faults, stop).await?;
         }
