@@ -71,6 +71,9 @@ pub struct PipelineConfig {
     /// recovery tests' negative control turns it off (on fresh databases), to
     /// show that the tests would catch the duplicates.
     pub dedup: bool,
+    /// Where the sink and the DLQ writer report spans (a stored batch, a
+    /// dead letter): [`crate::spans::Spans::off`] unless an OTLP endpoint is set.
+    pub spans: crate::spans::Spans,
 }
 
 /// The default in-flight byte budget: 64 MiB.
@@ -104,6 +107,7 @@ impl PipelineConfig {
             max_poll_interval: Duration::from_secs(300),
             group_instance_id: None,
             dedup: true,
+            spans: crate::spans::Spans::off(),
         }
     }
 }

@@ -62,8 +62,10 @@ use crate::mailbox::MailboxPermit;
 use crate::metrics as names;
 use crate::models::{AckSource, PoisonRecord, SourcePosition};
 use crate::storage::DlqIndex;
+use crate::trace_context::TRACEPARENT_HEADER;
 
-/// Header names, in the order they are written.
+/// Header names, in the order they are written. Then comes the record's
+/// W3C `traceparent` ([`TRACEPARENT_HEADER`]), then the envelope's headers.
 pub const DLQ_HEADERS: [&str; 8] = [
     "dlq.error.type",
     "dlq.error.message",
@@ -214,6 +216,8 @@ pub struct DlqWriterArgs {
     pub faults: Arc<Faults>,
     /// What this actor tells the watchdog.
     pub progress: Arc<crate::progress::Progress>,
+    /// Where a span per delivered dead letter goes.
+    pub spans: crate::spans::Spans,
 }
 
 /// Messages the DLQ writer handles.
@@ -504,7 +508,8 @@ impl DlqWriterState {
     /// The flag: some failure has no smaller form to try (wait, then retry).
     /// Also returns where each delivered dead letter landed (partition, offset).
     async fn produce(&self, pending: Vec<Pending>) -> (Vec<Pending>, bool, Vec<(i32, i64)>) {
-        let failed_at = SystemTime::now()
+        let started = SystemTime::now();
+        let failed_at = started
             .duration_since(UNIX_EPOCH)
             .map(|elapsed| elapsed.as_millis())
             .unwrap_or_default()
@@ -532,13 +537,20 @@ impl DlqWriterState {
                 record.raw.payload.as_deref(),
                 *form,
             );
-            let mut headers = OwnedHeaders::new_with_capacity(DLQ_HEADERS.len() + envelope.len());
+            let mut headers =
+                OwnedHeaders::new_with_capacity(DLQ_HEADERS.len() + 1 + envelope.len());
             for (key, value) in DLQ_HEADERS.iter().zip(values) {
                 headers = headers.insert(Header {
                     key,
                     value: Some(value),
                 });
             }
+            // The record's trace, unchanged (or the one started for it).
+            let traceparent = record.raw.trace.to_traceparent();
+            headers = headers.insert(Header {
+                key: TRACEPARENT_HEADER,
+                value: Some(traceparent.as_str()),
+            });
             for (key, value) in &envelope {
                 headers = headers.insert(Header {
                     key,
@@ -564,6 +576,13 @@ impl DlqWriterState {
             match result {
                 Ok(delivery) => {
                     landed.push((delivery.partition, delivery.offset));
+                    self.args.spans.dead_letter(
+                        &record,
+                        &self.args.source_topic,
+                        &self.args.dlq_topic,
+                        (delivery.partition, delivery.offset),
+                        started,
+                    );
                     metrics::counter!(names::DLQ_MESSAGES, "error_type" => record.kind.label())
                         .increment(1);
                     if let Some(envelope) = form.label() {

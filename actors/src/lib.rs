@@ -22,6 +22,8 @@
 //! - [`kafka`]: the brokers and how every client reaches them (TLS, SASL), and the start-up probe.
 //! - [`postgres_tls`]: PostgreSQL URLs with libpq's `sslmode`/`sslrootcert`, verified with OpenSSL.
 //! - [`topic`]: reading a topic back (true end offsets, every record).
+//! - [`trace_context`]: the W3C `traceparent` each record carries to its row or dead letter.
+//! - [`spans`]: the optional OTLP export of a span per stored batch and per dead letter.
 //! - [`config`], [`error`], [`metrics`]: configuration, the error type, metric names.
 
 pub mod breaker;
@@ -43,10 +45,12 @@ pub mod parser;
 pub mod postgres_tls;
 pub mod progress;
 pub mod sink;
+pub mod spans;
 pub mod sqs;
 pub mod sqs_consumer;
 pub mod storage;
 pub mod topic;
+pub mod trace_context;
 
 pub use config::PipelineConfig;
 pub use error::PipelineError;

@@ -7,6 +7,10 @@
 pub const EVENTS_PROCESSED: &str = "stream_events_processed_total";
 /// Poison records written to the dead-letter topic (counter, label `error_type`).
 pub const DLQ_MESSAGES: &str = "stream_dlq_messages_total";
+/// Records that came without a valid W3C `traceparent` header, for which
+/// the consumer started a trace (counter, label `reason`: `missing`,
+/// `invalid`).
+pub const TRACES_STARTED: &str = "stream_trace_contexts_started_total";
 /// Records read from Kafka by the consumer (counter).
 pub const EVENTS_CONSUMED: &str = "stream_events_consumed_total";
 /// Messages waiting in or being handled by an actor's mailbox (gauge, label `actor`).

@@ -4,6 +4,7 @@
 //! message enums wrap them.
 
 use crate::parse::{PoisonKind, ValidEvent};
+use crate::trace_context::TraceContext;
 
 /// Where a record came from in Kafka. Every acknowledgement names one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -40,6 +41,9 @@ pub struct RawRecord {
     /// The Kafka record timestamp (producer create time), milliseconds since
     /// the epoch: the start of the end-to-end latency.
     pub kafka_timestamp_ms: Option<i64>,
+    /// Its W3C trace context: the `traceparent` header, or a trace started
+    /// for it when it had none (see [`crate::trace_context`]).
+    pub trace: TraceContext,
 }
 
 impl RawRecord {

@@ -132,6 +132,7 @@ impl SinkState {
         if self.buffer.is_empty() {
             return Ok(());
         }
+        let started = std::time::SystemTime::now();
         let mut attempt = 0u32;
         let mut done = Written::default();
         let mut refused: Vec<PoisonRecord> = Vec::new();
@@ -239,6 +240,10 @@ impl SinkState {
         {
             latency.record((now_ms - produced_at).max(0) as f64 / 1000.0);
         }
+        let config = &self.args.config;
+        config
+            .spans
+            .stored_batch(&config.topic, &config.group_id, &stored, started, attempt);
         let positions = stored.iter().map(|record| record.raw.position).collect();
         self.args.committer.cast(CommitterMsg::Ack {
             source: AckSource::Sink,

@@ -104,7 +104,8 @@ pub fn events_ddl(dedup: bool) -> String {
             source_topic TEXT NOT NULL,
             source_partition INTEGER NOT NULL,
             source_offset BIGINT NOT NULL,
-            stored_at TIMESTAMPTZ NOT NULL DEFAULT now()
+            stored_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            traceparent TEXT
         )"
     )
 }
@@ -213,16 +214,7 @@ pub async fn migrate_postgres_source_topic(
     client: &Client,
     existing_rows_topic: &str,
 ) -> Result<Option<u64>, PipelineError> {
-    let has_column: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
-             WHERE table_schema = current_schema() AND table_name = 'events' AND column_name = 'source_topic')",
-            &[],
-        )
-        .await
-        .map_err(PipelineError::postgres("look up events.source_topic"))?
-        .get(0);
-    if has_column {
+    if postgres_events_has(client, "source_topic").await? {
         return Ok(None);
     }
     if !is_topic_name(existing_rows_topic) {
@@ -260,6 +252,49 @@ pub async fn migrate_postgres_source_topic(
         .map_err(PipelineError::postgres("count the migrated rows"))?
         .get::<_, i64>(0);
     Ok(Some(attributed as u64))
+}
+
+/// Whether the PostgreSQL `events` table has `column`.
+async fn postgres_events_has(client: &Client, column: &str) -> Result<bool, PipelineError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+             WHERE table_schema = current_schema() AND table_name = 'events' AND column_name = $1)",
+            &[&column],
+        )
+        .await
+        .map_err(PipelineError::postgres(format!("look up events.{column}")))?
+        .get(0))
+}
+
+/// Gives a PostgreSQL `events` table made before rows carried their trace
+/// a `traceparent` column (NULL in the existing rows), under the DDL
+/// advisory lock. Returns whether it added it; no DDL runs when the column
+/// is there, so a role that may only read and write passes. A role that may
+/// not alter the table gets an error that says to migrate as the owner.
+pub async fn migrate_postgres_traceparent(client: &Client) -> Result<bool, PipelineError> {
+    if postgres_events_has(client, "traceparent").await? {
+        return Ok(false);
+    }
+    let added = client
+        .batch_execute(
+            "BEGIN; SELECT pg_advisory_xact_lock(7242026);
+             ALTER TABLE events ADD COLUMN IF NOT EXISTS traceparent TEXT;
+             COMMIT;",
+        )
+        .await;
+    if let Err(source) = added {
+        let _ = client.batch_execute("ROLLBACK").await;
+        let refused =
+            source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE);
+        let context = if refused {
+            "table events has no traceparent column (made by an older version) and this role may not add it: run `streamctl db migrate` with the owner's --postgres-url first".to_string()
+        } else {
+            "add traceparent to events".to_string()
+        };
+        return Err(PipelineError::Postgres { context, source });
+    }
+    Ok(true)
 }
 
 /// Kafka's rule for a topic name: 1 to 249 of `a-z A-Z 0-9 . _ -`.
@@ -378,6 +413,9 @@ impl PostgresEvents {
                 "postgres: events had no source_topic (made by an older version): added it; its existing rows are attributed to this pipeline's topic"
             );
         }
+        if migrate_postgres_traceparent(&client).await? {
+            tracing::info!("postgres: events had no traceparent (made by an older version): added it; existing rows have none");
+        }
         Ok(PostgresEvents {
             client,
             topic: config.topic.clone(),
@@ -395,6 +433,7 @@ impl PostgresEvents {
         let mut amounts: Vec<f64> = Vec::with_capacity(records.len());
         let mut timestamps: Vec<i64> = Vec::with_capacity(records.len());
         let mut schema_versions: Vec<i32> = Vec::with_capacity(records.len());
+        let mut traceparents: Vec<String> = Vec::with_capacity(records.len());
         for record in records {
             event_ids.push(record.event.event_id);
             event_types.push(&record.event.event_type);
@@ -402,6 +441,7 @@ impl PostgresEvents {
             amounts.push(record.event.amount);
             timestamps.push(record.event.ts_ms);
             schema_versions.push(record.event.schema_version as i32);
+            traceparents.push(record.raw.trace.to_traceparent());
         }
         let (partitions, offsets) =
             split_positions(records.iter().map(|record| record.raw.position));
@@ -410,8 +450,8 @@ impl PostgresEvents {
         } else {
             ""
         };
-        let statement = format!("INSERT INTO events (event_id, event_type, user_id, amount, ts_ms, schema_version, source_partition, source_offset, source_topic)
-                 SELECT *, $9::text FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::int8[], $6::int4[], $7::int4[], $8::int8[])
+        let statement = format!("INSERT INTO events (event_id, event_type, user_id, amount, ts_ms, schema_version, source_partition, source_offset, traceparent, source_topic)
+                 SELECT *, $10::text FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::int8[], $6::int4[], $7::int4[], $8::int8[], $9::text[])
                  {on_conflict}");
         let what = describe_batch(records);
         within(self.timeout, "postgres", &what, async {
@@ -427,6 +467,7 @@ impl PostgresEvents {
                         &schema_versions,
                         &partitions,
                         &offsets,
+                        &traceparents,
                         &self.topic,
                     ],
                 )
@@ -487,6 +528,7 @@ struct ClickHouseEventRow<'a> {
     source_topic: &'a str,
     source_partition: i32,
     source_offset: i64,
+    traceparent: String,
 }
 
 /// The ClickHouse half of the sink: the `events` table.
@@ -549,7 +591,8 @@ impl ClickHouseEvents {
                     source_topic String,
                     source_partition Int32,
                     source_offset Int64,
-                    stored_at DateTime DEFAULT now()
+                    stored_at DateTime DEFAULT now(),
+                    traceparent String
                 ) ENGINE = {engine} ORDER BY event_id",
             ))
             .execute();
@@ -589,8 +632,11 @@ impl ClickHouseEvents {
         within(
             timeout,
             "clickhouse",
-            "add source_topic to events",
-            events.migrate_source_topic(),
+            "add source_topic and traceparent to events",
+            async {
+                events.migrate_source_topic().await?;
+                events.migrate_traceparent().await
+            },
         )
         .await?;
         Ok(events)
@@ -602,15 +648,7 @@ impl ClickHouseEvents {
     /// existing rows read as this topic (with a warning), and every insert
     /// names its topic. Another processor adding it first is not an error.
     async fn migrate_source_topic(&self) -> Result<(), PipelineError> {
-        let has_column = || async {
-            self.client
-                .query("SELECT count() FROM system.columns WHERE database = currentDatabase() AND table = 'events' AND name = 'source_topic'")
-                .fetch_one::<u64>()
-                .await
-                .map(|count| count > 0)
-                .map_err(PipelineError::clickhouse("look up events.source_topic"))
-        };
-        if has_column().await? {
+        if self.has_column("source_topic").await? {
             return Ok(());
         }
         if !is_topic_name(&self.topic) {
@@ -635,11 +673,46 @@ impl ClickHouseEvents {
                 );
                 Ok(())
             }
-            Err(_) if has_column().await? => Ok(()),
+            Err(_) if self.has_column("source_topic").await? => Ok(()),
             Err(error) => Err(PipelineError::clickhouse("add source_topic to events")(
                 error,
             )),
         }
+    }
+
+    /// Gives a table made before rows carried their trace a `traceparent`
+    /// column; existing rows read as `''`. Another processor adding it first
+    /// is not an error.
+    async fn migrate_traceparent(&self) -> Result<(), PipelineError> {
+        if self.has_column("traceparent").await? {
+            return Ok(());
+        }
+        let added = self
+            .client
+            .query("ALTER TABLE events ADD COLUMN traceparent String DEFAULT ''")
+            .execute()
+            .await;
+        match added {
+            Ok(()) => {
+                tracing::info!("clickhouse: events had no traceparent (made by an older version): added it; existing rows have none");
+                Ok(())
+            }
+            Err(_) if self.has_column("traceparent").await? => Ok(()),
+            Err(error) => Err(PipelineError::clickhouse("add traceparent to events")(
+                error,
+            )),
+        }
+    }
+
+    /// Whether the `events` table has `column`.
+    async fn has_column(&self, column: &str) -> Result<bool, PipelineError> {
+        self.client
+            .query("SELECT count() FROM system.columns WHERE database = currentDatabase() AND table = 'events' AND name = ?")
+            .bind(column)
+            .fetch_one::<u64>()
+            .await
+            .map(|count| count > 0)
+            .map_err(PipelineError::clickhouse(format!("look up events.{column}")))
     }
 
     /// Stores a batch in one INSERT, within the timeout.
@@ -672,6 +745,7 @@ impl ClickHouseEvents {
                 source_topic: &self.topic,
                 source_partition: record.raw.position.partition,
                 source_offset: record.raw.position.offset,
+                traceparent: record.raw.trace.to_traceparent(),
             };
             insert
                 .write(&row)

@@ -416,6 +416,14 @@ pub struct ProcessorConfig {
     /// The window of the restart intensity, in seconds (1..=3600).
     #[arg(long, env = "RESTART_WINDOW_SECS", default_value_t = 60)]
     pub restart_window_secs: u64,
+    /// Export a span per stored batch and per dead letter over OTLP/HTTP
+    /// (protobuf) to this collector, e.g. `http://otel-collector:4318`
+    /// (`/v1/traces` is appended). Unset: no export; records still carry
+    /// their `traceparent` to their rows and dead letters. The usual
+    /// `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*` and
+    /// `OTEL_EXPORTER_OTLP_HEADERS` apply.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Test only: store replays twice (no unique key, no DLQ index), on
     /// fresh databases. The recovery tests' negative control.
     #[arg(long, env = "STREAM_UNSAFE_DISABLE_DEDUP", hide = true)]
@@ -577,6 +585,9 @@ impl ProcessorConfig {
             "RESTART_WINDOW_SECS",
         )?;
         let metrics_addr = parse_metrics_addr(&self.metrics_addr)?;
+        if let Some(endpoint) = &self.otlp_endpoint {
+            validate_otlp_endpoint(endpoint)?;
+        }
         let config = PipelineConfig {
             dedup: !self.unsafe_disable_dedup,
             batch_size: self.batch_size,
@@ -596,6 +607,41 @@ impl ProcessorConfig {
         };
         Ok((config, metrics_addr))
     }
+}
+
+/// Checks an OTLP/HTTP collector URL: `http://host[:port][/path]`.
+/// `https://` is refused here (this build's exporter speaks plain HTTP:
+/// reach a collector over TLS through a local agent or sidecar).
+pub fn validate_otlp_endpoint(endpoint: &str) -> Result<(), ConfigError> {
+    let refuse = |reason: String| {
+        Err(invalid(
+            "--otlp-endpoint",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            reason,
+        ))
+    };
+    if endpoint.starts_with("https://") {
+        return refuse(format!(
+            "{endpoint:?}: this build exports over plain http only; point it at a collector (agent or sidecar) on http://"
+        ));
+    }
+    let Some(rest) = endpoint.strip_prefix("http://") else {
+        return refuse(format!(
+            "{endpoint:?} is not an http:// URL (the collector's OTLP/HTTP base, e.g. http://127.0.0.1:4318)"
+        ));
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        Some(_) => return refuse(format!("{endpoint:?}: the port is not a number")),
+        None => authority,
+    };
+    if host.is_empty() || authority.contains('@') || endpoint.contains(['?', '#', ' ']) {
+        return refuse(format!(
+            "{endpoint:?}: expected http://host[:port][/path], without credentials, query or fragment"
+        ));
+    }
+    Ok(())
 }
 
 /// Whether a name is one Kafka accepts for a topic or a group instance:
@@ -661,6 +707,31 @@ pub fn parse_or_exit<T: Parser>() -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn otlp_endpoints_are_checked() {
+        for good in [
+            "http://127.0.0.1:4318",
+            "http://otel-collector:4318/",
+            "http://collector.observability.svc/otlp",
+        ] {
+            assert!(validate_otlp_endpoint(good).is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("https://collector:4318", "plain http only"),
+            ("collector:4318", "not an http:// URL"),
+            ("http://:4318", "expected http://host"),
+            ("http://collector:port", "port is not a number"),
+            ("http://user:secret@collector:4318", "without credentials"),
+            ("http://collector:4318/?x=1", "query"),
+        ] {
+            let error = validate_otlp_endpoint(bad).expect_err(bad).to_string();
+            assert!(
+                error.contains(says) && error.contains("--otlp-endpoint"),
+                "{bad}: {error}"
+            );
+        }
+    }
 
     fn parse(arguments: &[&str]) -> ProcessorConfig {
         let mut full = vec!["processor"];

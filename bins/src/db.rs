@@ -5,7 +5,8 @@
 
 use anyhow::Context;
 use stream_actors::storage::{
-    connect_postgres, ensure_table, migrate_postgres_source_topic, postgres_tables,
+    connect_postgres, ensure_table, migrate_postgres_source_topic, migrate_postgres_traceparent,
+    postgres_tables,
 };
 
 use crate::config::{invalid, ConfigError, LOCAL_POSTGRES_URL};
@@ -90,6 +91,9 @@ pub async fn migrate(arguments: &MigrateArgs) -> anyhow::Result<()> {
             "table events: added source_topic; {rows} existing rows attributed to topic {}",
             arguments.existing_rows_topic
         );
+    }
+    if migrate_postgres_traceparent(&client).await? {
+        println!("table events: added traceparent (existing rows have none)");
     }
     if let Some(role) = &arguments.grant_to {
         let names: Vec<&str> = tables.iter().map(|(table, _)| *table).collect();

@@ -28,6 +28,7 @@ use rdkafka::util::Timeout;
 use serde::Serialize;
 use stream_actors::dlq_writer::{ENVELOPE_HEADER, REPLAY_COUNT_HEADER};
 use stream_actors::storage::connect_postgres;
+use stream_actors::trace_context::TRACEPARENT_HEADER;
 
 use crate::config::ConnectionArgs;
 use crate::inspect::{read_topic, ReadRecord};
@@ -329,7 +330,7 @@ pub async fn replay_records(
             connections.dlq_topic, record.partition, record.offset
         );
         let next_count = (replay_count + 1).to_string();
-        let headers = OwnedHeaders::new()
+        let mut headers = OwnedHeaders::new()
             .insert(Header {
                 key: REPLAY_COUNT_HEADER,
                 value: Some(next_count.as_str()),
@@ -338,6 +339,14 @@ pub async fn replay_records(
                 key: REPLAY_OF_HEADER,
                 value: Some(replay_of.as_str()),
             });
+        // The replayed record continues the dead letter's trace: its row
+        // (or its next dead letter) carries the same `traceparent`.
+        if let Some(traceparent) = record.header(TRACEPARENT_HEADER) {
+            headers = headers.insert(Header {
+                key: TRACEPARENT_HEADER,
+                value: Some(traceparent),
+            });
+        }
         let mut kafka_record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&connections.topic).headers(headers);
         if let Some(key) = record.key.as_deref() {

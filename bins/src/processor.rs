@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use stream_actors::faults::Faults;
+use stream_actors::spans::SpanExport;
 use stream_actors::PipelineConfig;
 use stream_supervisor::{start_pipeline_with, PipelineExit, RestartPolicy};
 use tracing::{error, info};
@@ -47,11 +48,13 @@ fn install_recorder() -> anyhow::Result<PrometheusHandle> {
 }
 
 /// Runs the pipeline under its supervisor, with the admin endpoint (metrics,
-/// probes, and kill behind `admin_token`) on `admin_addr`; returns the process exit code: 0 after a
+/// probes, and kill behind `admin_token`) on `admin_addr`, exporting spans
+/// to `otlp_endpoint` if set (sent at exit); returns the process exit code: 0 after a
 /// signal and a drain, 1 when the supervisor escalated, 2 when the admin
 /// address cannot be served or `STREAM_CRASH_AT` is malformed.
 pub async fn run(
-    config: PipelineConfig,
+    mut config: PipelineConfig,
+    otlp_endpoint: Option<String>,
     policy: RestartPolicy,
     admin_addr: Option<SocketAddr>,
     admin_token: Option<crate::admin::AdminToken>,
@@ -73,6 +76,15 @@ pub async fn run(
                     return Ok(2);
                 }
             }
+        }
+        None => None,
+    };
+    let export = match otlp_endpoint {
+        Some(endpoint) => {
+            let (export, spans) = SpanExport::start(&endpoint, config.batch_size)?;
+            info!(%endpoint, "exporting spans over OTLP/HTTP");
+            config.spans = spans;
+            Some(export)
         }
         None => None,
     };
@@ -102,6 +114,10 @@ pub async fn run(
         let outcome = pipeline.exit.borrow().clone();
         outcome
     };
+    if let Some(export) = export {
+        // Sends what is queued; blocking, so off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || export.shutdown(Duration::from_secs(5))).await;
+    }
     match outcome {
         PipelineExit::Failed(reason) => {
             error!(%reason, "pipeline failed");

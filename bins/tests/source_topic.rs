@@ -143,6 +143,10 @@ async fn db_migrate_attributes_an_older_tables_rows_to_the_topic_it_is_given() {
         ),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("table events: added traceparent"),
+        "{stdout}"
+    );
     assert_eq!(
         postgres_rows_by_topic(&env).await,
         BTreeMap::from([("legacy.events".to_string(), 2)])
@@ -159,7 +163,7 @@ async fn db_migrate_attributes_an_older_tables_rows_to_the_topic_it_is_given() {
     // Once is enough: a second run finds the column and says nothing of it.
     let again = migrate("other");
     assert!(again.status.success());
-    assert!(!String::from_utf8_lossy(&again.stdout).contains("added source_topic"));
+    assert!(!String::from_utf8_lossy(&again.stdout).contains("added"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,4 +202,25 @@ async fn the_processor_migrates_older_tables_to_its_own_topic() {
         .await
         .expect("clickhouse by topic");
     assert_eq!(by_topic, vec![(topic, ledger.valid + 2)]);
+    // And a traceparent column: none in the old rows, one in every new row.
+    let postgres = stream_actors::storage::connect_postgres(&env.config.postgres_url)
+        .await
+        .expect("postgres");
+    let traced = postgres
+        .query_one(
+            "SELECT count(*) FILTER (WHERE traceparent IS NULL), count(*) FILTER (WHERE traceparent LIKE '00-%') FROM events",
+            &[],
+        )
+        .await
+        .expect("count traced rows");
+    assert_eq!(
+        (traced.get::<_, i64>(0), traced.get::<_, i64>(1)),
+        (2, ledger.valid as i64)
+    );
+    let traced: (u64, u64) = clickhouse
+        .query("SELECT countIf(traceparent = ''), countIf(startsWith(traceparent, '00-')) FROM events FINAL")
+        .fetch_one()
+        .await
+        .expect("clickhouse traced rows");
+    assert_eq!(traced, (2, ledger.valid));
 }

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use stream_actors::kafka::Brokers;
+use stream_actors::trace_context::TRACEPARENT_HEADER;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 pub mod sqs;
@@ -21,6 +22,7 @@ pub mod sqs;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Serialize;
 
@@ -237,6 +239,9 @@ pub struct GeneratedRecord {
     pub payload: Vec<u8>,
     /// `None` for a valid event.
     pub poison: Option<PoisonKind>,
+    /// The W3C `traceparent` header: a trace of its own, as a traced
+    /// producer would send it (sampled).
+    pub traceparent: String,
 }
 
 const EVENT_TYPES: [&str; 4] = ["page_view", "add_to_cart", "purchase", "refund"];
@@ -269,7 +274,15 @@ pub fn generate_record(rng: &mut StdRng, poison_rate: f64, now_ms: i64) -> Gener
         key: user_id,
         payload: payload.into_bytes(),
         poison,
+        traceparent: random_traceparent(rng),
     }
+}
+
+/// A `traceparent` with random, non-zero ids, sampled.
+fn random_traceparent(rng: &mut StdRng) -> String {
+    let trace_id: u128 = rng.gen_range(1..=u128::MAX);
+    let span_id: u64 = rng.gen_range(1..=u64::MAX);
+    format!("00-{trace_id:032x}-{span_id:016x}-01")
 }
 
 /// Each producer actor's share of a run: (records, RNG seed).
@@ -428,7 +441,11 @@ async fn produce_share(state: &ProducerArgs, count: u64, rate: f64, seed: u64) -
         loop {
             let kafka_record = FutureRecord::to(&state.topic)
                 .key(record.key.as_str())
-                .payload(record.payload.as_slice());
+                .payload(record.payload.as_slice())
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: TRACEPARENT_HEADER,
+                    value: Some(record.traceparent.as_str()),
+                }));
             match state.producer.send_result(kafka_record) {
                 Ok(delivery) => {
                     in_flight.push_back((delivery, record.poison));

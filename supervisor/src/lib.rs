@@ -318,6 +318,7 @@ impl Shared {
                 index: config.dedup.then(|| self.dlq_index.clone()),
                 faults: self.faults.clone(),
                 progress: progress_of("dlq_writer"),
+                spans: config.spans.clone(),
             },
             supervisor.clone(),
         )

@@ -53,6 +53,7 @@ use crate::mailbox::BoundedSender;
 use crate::metrics as names;
 use crate::models::{RawRecord, SourcePosition};
 use crate::parser::ParserMsg;
+use crate::trace_context::{self, TraceContext};
 
 /// How long one poll waits for the first record, and how long the consumer
 /// waits for room in the pipeline between two polls, so the actor stays
@@ -342,19 +343,52 @@ struct BatchLimits {
     bytes: usize,
 }
 
-/// The `dlq.replay.count` header of a record replayed from the dead-letter topic.
-fn replay_count(message: &rdkafka::message::BorrowedMessage<'_>) -> u32 {
+/// A record as read, headers looked at: its `dlq.replay.count` (a record
+/// replayed from the dead-letter topic) and its `traceparent` (or a trace
+/// started for it, and why).
+fn read_record(
+    message: &rdkafka::message::BorrowedMessage<'_>,
+) -> (RawRecord, Option<trace_context::Started>) {
     use rdkafka::message::Headers;
-    let Some(headers) = message.headers() else {
-        return 0;
+    let mut replay_count = 0;
+    let mut traceparent = None;
+    if let Some(headers) = message.headers() {
+        for header in headers.iter() {
+            if header.key == crate::dlq_writer::REPLAY_COUNT_HEADER {
+                replay_count = header
+                    .value
+                    .and_then(|value| std::str::from_utf8(value).ok())
+                    .and_then(|text| text.parse().ok())
+                    .unwrap_or(0);
+            } else if header
+                .key
+                .eq_ignore_ascii_case(trace_context::TRACEPARENT_HEADER)
+            {
+                traceparent = header.value;
+            }
+        }
+    }
+    let position = SourcePosition {
+        partition: message.partition(),
+        offset: message.offset(),
     };
-    headers
-        .iter()
-        .find(|header| header.key == crate::dlq_writer::REPLAY_COUNT_HEADER)
-        .and_then(|header| header.value)
-        .and_then(|value| std::str::from_utf8(value).ok())
-        .and_then(|text| text.parse().ok())
-        .unwrap_or(0)
+    let kafka_timestamp_ms = message.timestamp().to_millis();
+    let (trace, started) = TraceContext::of_record(
+        traceparent,
+        message.topic(),
+        position.partition,
+        position.offset,
+        kafka_timestamp_ms,
+    );
+    let record = RawRecord {
+        position,
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec),
+        replay_count,
+        kafka_timestamp_ms,
+        trace,
+    };
+    (record, started)
 }
 
 /// Drops the records of partitions revoked while the batch was collected:
@@ -384,21 +418,22 @@ fn poll_batch(
 ) -> Result<(), PipelineError> {
     let context = consumer.context();
     let _polling = context.poll_lock.lock();
+    // Records that came without a valid `traceparent`: missing, invalid.
+    let mut traces_started = [0u64; 2];
     loop {
         let polled = consumer.poll(wait);
         batch.drop_revoked(&context.take_revoked());
         match polled {
             None => break,
-            Some(Ok(message)) => batch.push(RawRecord {
-                position: SourcePosition {
-                    partition: message.partition(),
-                    offset: message.offset(),
-                },
-                key: message.key().map(<[u8]>::to_vec),
-                payload: message.payload().map(<[u8]>::to_vec),
-                replay_count: replay_count(&message),
-                kafka_timestamp_ms: message.timestamp().to_millis(),
-            }),
+            Some(Ok(message)) => {
+                let (record, started) = read_record(&message);
+                match started {
+                    None => {}
+                    Some(trace_context::Started::Missing) => traces_started[0] += 1,
+                    Some(trace_context::Started::Invalid) => traces_started[1] += 1,
+                }
+                batch.push(record);
+            }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(poll_error)) => {
                 // Broker and transport errors are retried by librdkafka;
@@ -410,6 +445,14 @@ fn poll_batch(
         wait = Duration::ZERO;
         if batch.records.len() >= limits.records || batch.bytes >= limits.bytes {
             break;
+        }
+    }
+    for (count, reason) in traces_started.into_iter().zip([
+        trace_context::Started::Missing,
+        trace_context::Started::Invalid,
+    ]) {
+        if count > 0 {
+            metrics::counter!(names::TRACES_STARTED, "reason" => reason.label()).increment(count);
         }
     }
     if let Some((code, reason)) = consumer.client().fatal_error() {
@@ -430,6 +473,7 @@ mod tests {
             payload: None,
             replay_count: 0,
             kafka_timestamp_ms: None,
+            trace: TraceContext::started_for("events", partition, offset, None),
         }
     }
 

@@ -13,9 +13,10 @@ async fn main() {
         std::process::exit(2);
     });
     let policy = flags.restart_policy();
+    let otlp_endpoint = flags.otlp_endpoint.clone();
     // The processor serves /metrics itself, on its admin endpoint.
     stream_bins::run_service(None, || {
-        stream_bins::processor::run(config, policy, metrics_addr, admin_token)
+        stream_bins::processor::run(config, otlp_endpoint, policy, metrics_addr, admin_token)
     })
     .await
 }
