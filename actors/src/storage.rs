@@ -179,28 +179,43 @@ pub async fn ensure_table(client: &Client, table: &str, ddl: &str) -> Result<boo
     if exists {
         return Ok(false);
     }
-    let created = client
+    ddl_under_lock(
+        client,
+        &format!("{ddl};"),
+        format!("table {table} is missing and this role may not create it: run `streamctl db migrate` with the owner's --postgres-url first"),
+        format!("create table {table}"),
+    )
+    .await?;
+    Ok(true)
+}
+
+/// Runs `statements` in one transaction under the DDL advisory lock (two
+/// processes running the same DDL at once otherwise race inside
+/// PostgreSQL). Fails with `refused` as context when the role lacks the
+/// privilege, `failed` otherwise; the failed transaction is rolled back.
+async fn ddl_under_lock(
+    client: &Client,
+    statements: &str,
+    refused: String,
+    failed: String,
+) -> Result<(), PipelineError> {
+    let done = client
         .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock(7242026); {ddl}; COMMIT;"
+            "BEGIN; SELECT pg_advisory_xact_lock(7242026); {statements} COMMIT;"
         ))
         .await;
-    match created {
-        Ok(()) => Ok(true),
-        Err(source) => {
-            // The failed transaction must not stay open on this connection.
-            let _ = client.batch_execute("ROLLBACK").await;
-            let refused =
-                source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE);
-            let context = if refused {
-                format!(
-                    "table {table} is missing and this role may not create it: run `streamctl db migrate` with the owner's --postgres-url first"
-                )
-            } else {
-                format!("create table {table}")
-            };
-            Err(PipelineError::Postgres { context, source })
-        }
-    }
+    let Err(source) = done else {
+        return Ok(());
+    };
+    // The failed transaction must not stay open on this connection.
+    let _ = client.batch_execute("ROLLBACK").await;
+    let context = if source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    {
+        refused
+    } else {
+        failed
+    };
+    Err(PipelineError::Postgres { context, source })
 }
 
 /// Gives a PostgreSQL `events` table made before rows carried their topic
@@ -223,26 +238,17 @@ pub async fn migrate_postgres_source_topic(
             reason: format!("{existing_rows_topic:?} is not a Kafka topic name"),
         });
     }
-    let migrated = client
-        .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock(7242026);
-             ALTER TABLE events ADD COLUMN IF NOT EXISTS source_topic TEXT;
+    alter_events(
+        client,
+        "source_topic",
+        &format!(
+            "ALTER TABLE events ADD COLUMN IF NOT EXISTS source_topic TEXT;
              UPDATE events SET source_topic = '{existing_rows_topic}' WHERE source_topic IS NULL;
-             ALTER TABLE events ALTER COLUMN source_topic SET NOT NULL;
-             COMMIT;"
-        ))
-        .await;
-    if let Err(source) = migrated {
-        let _ = client.batch_execute("ROLLBACK").await;
-        let refused =
-            source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE);
-        let context = if refused {
-            "table events has no source_topic column (made by an older version) and this role may not add it: run `streamctl db migrate --existing-rows-topic TOPIC` with the owner's --postgres-url first".to_string()
-        } else {
-            "add source_topic to events".to_string()
-        };
-        return Err(PipelineError::Postgres { context, source });
-    }
+             ALTER TABLE events ALTER COLUMN source_topic SET NOT NULL;"
+        ),
+        "streamctl db migrate --existing-rows-topic TOPIC",
+    )
+    .await?;
     let attributed = client
         .query_one(
             "SELECT count(*) FROM events WHERE source_topic = $1",
@@ -276,25 +282,32 @@ pub async fn migrate_postgres_traceparent(client: &Client) -> Result<bool, Pipel
     if postgres_events_has(client, "traceparent").await? {
         return Ok(false);
     }
-    let added = client
-        .batch_execute(
-            "BEGIN; SELECT pg_advisory_xact_lock(7242026);
-             ALTER TABLE events ADD COLUMN IF NOT EXISTS traceparent TEXT;
-             COMMIT;",
-        )
-        .await;
-    if let Err(source) = added {
-        let _ = client.batch_execute("ROLLBACK").await;
-        let refused =
-            source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE);
-        let context = if refused {
-            "table events has no traceparent column (made by an older version) and this role may not add it: run `streamctl db migrate` with the owner's --postgres-url first".to_string()
-        } else {
-            "add traceparent to events".to_string()
-        };
-        return Err(PipelineError::Postgres { context, source });
-    }
+    alter_events(
+        client,
+        "traceparent",
+        "ALTER TABLE events ADD COLUMN IF NOT EXISTS traceparent TEXT;",
+        "streamctl db migrate",
+    )
+    .await?;
     Ok(true)
+}
+
+/// Runs `statements`, which add `column` to `events` (see [`ddl_under_lock`]);
+/// a role that may not gets an error that says to run `migrate_command` as
+/// the owner first.
+async fn alter_events(
+    client: &Client,
+    column: &str,
+    statements: &str,
+    migrate_command: &str,
+) -> Result<(), PipelineError> {
+    ddl_under_lock(
+        client,
+        statements,
+        format!("table events has no {column} column (made by an older version) and this role may not add it: run `{migrate_command}` with the owner's --postgres-url first"),
+        format!("add {column} to events"),
+    )
+    .await
 }
 
 /// Kafka's rule for a topic name: 1 to 249 of `a-z A-Z 0-9 . _ -`.

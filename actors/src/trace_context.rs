@@ -40,12 +40,15 @@ pub struct TraceContext {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Started {
     /// The record had no `traceparent` header.
-    Missing,
+    Missing = 0,
     /// It had one, but not a valid one.
-    Invalid,
+    Invalid = 1,
 }
 
 impl Started {
+    /// Every reason, in the order of their discriminants.
+    pub const ALL: [Started; 2] = [Started::Missing, Started::Invalid];
+
     /// The `reason` label of [`crate::metrics::TRACES_STARTED`].
     pub fn label(self) -> &'static str {
         match self {

@@ -136,6 +136,11 @@ struct Args {
     /// from PyPI).
     #[arg(long)]
     skip_peers: bool,
+    /// Export the throughput run's spans (a span per stored batch and per
+    /// dead letter) to this OTLP/HTTP collector, to measure what the export
+    /// costs. Unset: no export, as the processor's default.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Events in each peer's topic (the SIGKILL runs use it too).
     #[arg(long, default_value_t = 1_000_000)]
     peers_events: u64,
@@ -253,7 +258,14 @@ fn throughput_rows(results: &mut Results, measured: &throughput::ThroughputResul
     let batched = measured.batched.rate();
     let rows = [
         Row {
-            measurement: "pipeline end to end (exactly-once sinks, poison 0.005)".to_string(),
+            measurement: format!(
+                "pipeline end to end (exactly-once sinks, poison 0.005){}",
+                if args.otlp_endpoint.is_some() {
+                    ", spans exported over OTLP"
+                } else {
+                    ""
+                }
+            ),
             events: Some(measured.events),
             seconds: Some(measured.pipeline_seconds),
             value: rate_text(pipeline),
@@ -522,7 +534,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         let phase_args = args.clone();
         let measured = guarded(async move {
             let python = python::ensure_venv(&venv).await?;
-            throughput::run(
+            let export = match &phase_args.otlp_endpoint {
+                Some(endpoint) => Some(stream_actors::spans::SpanExport::start(endpoint, 2000)?),
+                None => None,
+            };
+            let spans = export
+                .as_ref()
+                .map(|(_, spans)| spans.clone())
+                .unwrap_or_default();
+            let measured = throughput::run(
                 phase_args.events,
                 &python,
                 &scripts,
@@ -531,8 +551,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     max_events: phase_args.seed001_max_events,
                 },
                 phase_args.batched_max_seconds,
+                spans,
             )
-            .await
+            .await;
+            if let Some((export, _)) = export {
+                tokio::task::spawn_blocking(move || export.shutdown(Duration::from_secs(10)))
+                    .await?;
+            }
+            measured
         })
         .await;
         match measured {

@@ -132,8 +132,10 @@ pub async fn run(
     scripts: &Path,
     seed001: Seed001Bounds,
     batched_max_seconds: f64,
+    spans: stream_actors::spans::Spans,
 ) -> anyhow::Result<ThroughputResult> {
-    let env = TestEnv::new("bench_throughput", 6).await;
+    let mut env = TestEnv::new("bench_throughput", 6).await;
+    env.config.spans = spans;
     eprintln!(
         "bench: throughput: loading {events} events (poison 0.005) into {}",
         env.config.topic

@@ -418,8 +418,8 @@ fn poll_batch(
 ) -> Result<(), PipelineError> {
     let context = consumer.context();
     let _polling = context.poll_lock.lock();
-    // Records that came without a valid `traceparent`: missing, invalid.
-    let mut traces_started = [0u64; 2];
+    // Records that came without a valid `traceparent`, by reason.
+    let mut traces_started = [0u64; trace_context::Started::ALL.len()];
     loop {
         let polled = consumer.poll(wait);
         batch.drop_revoked(&context.take_revoked());
@@ -427,10 +427,8 @@ fn poll_batch(
             None => break,
             Some(Ok(message)) => {
                 let (record, started) = read_record(&message);
-                match started {
-                    None => {}
-                    Some(trace_context::Started::Missing) => traces_started[0] += 1,
-                    Some(trace_context::Started::Invalid) => traces_started[1] += 1,
+                if let Some(reason) = started {
+                    traces_started[reason as usize] += 1;
                 }
                 batch.push(record);
             }
@@ -447,10 +445,7 @@ fn poll_batch(
             break;
         }
     }
-    for (count, reason) in traces_started.into_iter().zip([
-        trace_context::Started::Missing,
-        trace_context::Started::Invalid,
-    ]) {
+    for (count, reason) in traces_started.into_iter().zip(trace_context::Started::ALL) {
         if count > 0 {
             metrics::counter!(names::TRACES_STARTED, "reason" => reason.label()).increment(count);
         }
