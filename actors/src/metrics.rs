@@ -11,6 +11,10 @@ pub const DLQ_MESSAGES: &str = "stream_dlq_messages_total";
 /// the consumer started a trace (counter, label `reason`: `missing`,
 /// `invalid`).
 pub const TRACES_STARTED: &str = "stream_trace_contexts_started_total";
+/// Spans sent to the OTLP endpoint (counter; only with `--otlp-endpoint`).
+pub const SPANS_EXPORTED: &str = "stream_spans_exported_total";
+/// Spans in exports that failed, dropped (counter; only with `--otlp-endpoint`).
+pub const SPAN_EXPORTS_FAILED: &str = "stream_span_exports_failed_total";
 /// Records read from Kafka by the consumer (counter).
 pub const EVENTS_CONSUMED: &str = "stream_events_consumed_total";
 /// Messages waiting in or being handled by an actor's mailbox (gauge, label `actor`).

@@ -14,7 +14,10 @@
 //! The SDK's batch processor queues finished spans and sends them from a
 //! thread of its own; when the queue is full (an endpoint that is away or
 //! slow) it drops spans rather than wait, so tracing never holds up the
-//! pipeline. [`SpanExport::shutdown`] sends what is queued at exit.
+//! pipeline. An export that fails is logged (WARN) and counted
+//! (`stream_span_exports_failed_total`), what was sent too
+//! (`stream_spans_exported_total`). [`SpanExport::shutdown`] sends what is
+//! queued at exit.
 
 use std::time::{Duration, SystemTime};
 
@@ -24,9 +27,11 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
 
+use crate::metrics as names;
 use crate::models::{PoisonRecord, ValidRecord};
 use crate::trace_context::TraceContext;
 
@@ -80,6 +85,7 @@ impl SpanExport {
                 endpoint: traces_url.clone(),
                 reason: error.to_string(),
             })?;
+        let exporter = Counted(exporter);
         let mut resource = Resource::builder();
         if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
             resource = resource.with_service_name(DEFAULT_SERVICE_NAME);
@@ -90,6 +96,8 @@ impl SpanExport {
             .with_max_links_per_span(max_links.clamp(128, u32::MAX as usize) as u32)
             .build();
         let tracer = provider.tracer("stream-actors");
+        metrics::counter!(names::SPANS_EXPORTED).increment(0);
+        metrics::counter!(names::SPAN_EXPORTS_FAILED).increment(0);
         Ok((
             SpanExport { provider },
             Spans {
@@ -103,6 +111,39 @@ impl SpanExport {
         if let Err(error) = self.provider.shutdown_with_timeout(limit) {
             tracing::warn!(%error, "the OTLP span exporter did not shut down cleanly; spans may be lost");
         }
+    }
+}
+
+/// An exporter that counts what it sent and what failed
+/// ([`names::SPANS_EXPORTED`], [`names::SPAN_EXPORTS_FAILED`]) and says
+/// why an export failed: the SDK itself keeps quiet about it.
+#[derive(Debug)]
+struct Counted<E>(E);
+
+impl<E: SpanExporter> SpanExporter for Counted<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len() as u64;
+        let result = self.0.export(batch).await;
+        match &result {
+            Ok(()) => metrics::counter!(names::SPANS_EXPORTED).increment(spans),
+            Err(error) => {
+                metrics::counter!(names::SPAN_EXPORTS_FAILED).increment(spans);
+                tracing::warn!(%error, spans, "spans not exported over OTLP (dropped)");
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.0.set_resource(resource);
     }
 }
 

@@ -230,6 +230,19 @@ async fn traceparent_reaches_rows_and_dead_letters_and_spans_follow_it() {
         processor.metric_where("stream_trace_contexts_started_total", "reason=\"invalid\""),
         Some(1.0)
     );
+    // Exports go every 200 ms: some are counted as sent, none failed.
+    assert!(
+        common::within(Duration::from_secs(20), || {
+            processor.metric("stream_spans_exported_total") >= Some(1.0)
+        })
+        .await,
+        "no span export counted:\n{}",
+        processor.log_tail()
+    );
+    assert_eq!(
+        processor.metric("stream_span_exports_failed_total"),
+        Some(0.0)
+    );
     assert_eq!(processor.terminate(Duration::from_secs(60)), Some(0));
 
     // Rows: the carried trace unchanged, a started one where there was
@@ -398,4 +411,48 @@ async fn traceparent_reaches_rows_and_dead_letters_and_spans_follow_it() {
         in_clickhouse.get(&ids[3].to_string()).map(String::as_str),
         Some(REPLAYED)
     );
+}
+
+/// A collector that is away costs spans, never events: the pipeline stores
+/// and dead-letters everything as usual, the failed exports are logged and
+/// counted, and the processor still stops at once on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_away_drops_spans_not_events() {
+    let env = TestEnv::new("trace_away", 2).await;
+    let ledger = env.produce(1_000, 0.05, 43).await;
+    // A port nothing listens on: taken, then closed.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        listener.local_addr().expect("address")
+    };
+    let endpoint = format!("http://{closed}");
+    let mut processor = ProcessorProcess::start(
+        &env,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    );
+    processor.wait_ready(Duration::from_secs(60));
+    env.wait_for_catch_up(Duration::from_secs(90)).await;
+    assert!(
+        common::within(Duration::from_secs(20), || {
+            processor.metric("stream_span_exports_failed_total") >= Some(1.0)
+        })
+        .await,
+        "no failed export counted:\n{}",
+        processor.log_tail()
+    );
+    assert_eq!(processor.metric("stream_spans_exported_total"), Some(0.0));
+    let started = std::time::Instant::now();
+    assert_eq!(processor.terminate(Duration::from_secs(30)), Some(0));
+    let stopping = started.elapsed();
+    let log = std::fs::read_to_string(&processor.log).expect("log");
+    assert!(
+        log.contains("spans not exported over OTLP (dropped)"),
+        "{}",
+        processor.log_tail()
+    );
+    common::assert_clean(&common::audit(&env).await, &ledger);
+    eprintln!("stopped {stopping:?} after SIGTERM with the collector away");
 }
