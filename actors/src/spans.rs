@@ -165,11 +165,6 @@ impl Spans {
         Spans::default()
     }
 
-    /// Whether spans are exported.
-    pub fn enabled(&self) -> bool {
-        self.tracer.is_some()
-    }
-
     /// A batch both stores took: `process <topic>`, from `started` to now,
     /// linked to each record's trace.
     pub fn stored_batch(

@@ -11,8 +11,10 @@
 //!
 //! Every row carries its source position: `source_topic`, `source_partition`,
 //! `source_offset`, so pipelines reading different topics can share the
-//! tables and each is audited on its own. Tables made before `source_topic`
-//! existed are migrated at connect ([`migrate_postgres_source_topic`],
+//! tables and each is audited on its own, and its record's W3C
+//! `traceparent` (see [`crate::trace_context`]). Tables made before
+//! `source_topic` or `traceparent` existed are migrated at connect
+//! ([`migrate_postgres_source_topic`], [`migrate_postgres_traceparent`],
 //! and the ClickHouse half in [`ClickHouseEvents::connect`]).
 
 use std::collections::HashMap;

@@ -1,7 +1,8 @@
 //! Load generator: producer actors that send valid events and a chosen
 //! fraction of poison to Kafka, and an exact ledger of what was delivered.
 //!
-//! - [`generate_record`]: one record, valid or poison, from a seeded RNG.
+//! - [`generate_record`]: one record, valid or poison, with its
+//!   `traceparent`, from a seeded RNG.
 //! - [`ProducerActor`]: produces its share of the records at its share of the rate.
 //! - [`run`]: spawns the producers, prints progress, returns the [`Ledger`].
 //! - [`sqs`]: `loadgen sqs`, orders to an SQS queue.

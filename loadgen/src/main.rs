@@ -4,7 +4,8 @@
 use clap::{Parser, Subcommand};
 use loadgen::{LoadgenConfig, ValueFormat};
 
-/// Send events (and poison) to Kafka; the last stdout line is a JSON ledger:
+/// Send events (and poison) to Kafka, each with a W3C `traceparent` header
+/// (a sampled trace of its own); the last stdout line is a JSON ledger:
 /// {"sent","valid","poison","poison_by_kind","elapsed_s","rate"}.
 /// `loadgen sqs` sends orders to an SQS queue instead.
 #[derive(Debug, Parser)]
