@@ -546,7 +546,7 @@ impl DlqWriterState {
                 });
             }
             // The record's trace, unchanged (or the one started for it).
-            let traceparent = record.raw.trace.to_traceparent();
+            let traceparent = record.raw.trace.header();
             headers = headers.insert(Header {
                 key: TRACEPARENT_HEADER,
                 value: Some(traceparent.as_str()),

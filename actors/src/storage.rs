@@ -27,6 +27,7 @@ use uuid::Uuid;
 use crate::config::PipelineConfig;
 use crate::error::{with_causes, within, PipelineError};
 use crate::models::{SourcePosition, ValidRecord};
+use crate::trace_context::Traceparent;
 
 /// The longest one call to PostgreSQL or ClickHouse may take unless the
 /// configuration says otherwise (`--service-timeout-ms`).
@@ -448,7 +449,11 @@ impl PostgresEvents {
         let mut amounts: Vec<f64> = Vec::with_capacity(records.len());
         let mut timestamps: Vec<i64> = Vec::with_capacity(records.len());
         let mut schema_versions: Vec<i32> = Vec::with_capacity(records.len());
-        let mut traceparents: Vec<String> = Vec::with_capacity(records.len());
+        let traceparents: Vec<Traceparent> = records
+            .iter()
+            .map(|record| record.raw.trace.header())
+            .collect();
+        let traceparents: Vec<&str> = traceparents.iter().map(Traceparent::as_str).collect();
         for record in records {
             event_ids.push(record.event.event_id);
             event_types.push(&record.event.event_type);
@@ -456,7 +461,6 @@ impl PostgresEvents {
             amounts.push(record.event.amount);
             timestamps.push(record.event.ts_ms);
             schema_versions.push(record.event.schema_version as i32);
-            traceparents.push(record.raw.trace.to_traceparent());
         }
         let (partitions, offsets) =
             split_positions(records.iter().map(|record| record.raw.position));
@@ -543,7 +547,7 @@ struct ClickHouseEventRow<'a> {
     source_topic: &'a str,
     source_partition: i32,
     source_offset: i64,
-    traceparent: String,
+    traceparent: &'a str,
 }
 
 /// The ClickHouse half of the sink: the `events` table.
@@ -750,6 +754,7 @@ impl ClickHouseEvents {
             .await
             .map_err(PipelineError::clickhouse(format!("{what}: begin insert")))?;
         for record in records {
+            let traceparent = record.raw.trace.header();
             let row = ClickHouseEventRow {
                 event_id: record.event.event_id.to_string(),
                 event_type: &record.event.event_type,
@@ -760,7 +765,7 @@ impl ClickHouseEvents {
                 source_topic: &self.topic,
                 source_partition: record.raw.position.partition,
                 source_offset: record.raw.position.offset,
-                traceparent: record.raw.trace.to_traceparent(),
+                traceparent: traceparent.as_str(),
             };
             insert
                 .write(&row)

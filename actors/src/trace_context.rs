@@ -168,22 +168,40 @@ impl TraceContext {
         hex::encode(self.trace_id)
     }
 
-    /// The `traceparent` value (version 00).
-    pub fn to_traceparent(&self) -> String {
-        self.to_string()
+    /// The `traceparent` value (version 00), written on the stack: the
+    /// sink and the DLQ writer write one per record.
+    pub fn header(&self) -> Traceparent {
+        let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        // Lengths are fixed: 32, 16 and 2 hex digits.
+        let _ = hex::encode_to_slice(self.trace_id, &mut text[3..35]);
+        let _ = hex::encode_to_slice(self.span_id, &mut text[36..52]);
+        let _ = hex::encode_to_slice([self.flags], &mut text[53..55]);
+        Traceparent(text)
     }
 }
 
 impl std::fmt::Display for TraceContext {
     /// `00-<trace-id>-<parent-id>-<flags>`.
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            formatter,
-            "00-{}-{}-{:02x}",
-            hex::encode(self.trace_id),
-            hex::encode(self.span_id),
-            self.flags
-        )
+        formatter.write_str(self.header().as_str())
+    }
+}
+
+/// A `traceparent` value as text, 55 bytes of ASCII, without allocation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Traceparent([u8; 55]);
+
+impl Traceparent {
+    /// The value.
+    pub fn as_str(&self) -> &str {
+        // Built from ASCII only (digits, lower-case hex and '-').
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for Traceparent {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
     }
 }
 
@@ -209,7 +227,7 @@ mod tests {
         assert_eq!(context.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(hex::encode(context.span_id), "00f067aa0ba902b7");
         assert!(context.is_sampled());
-        assert_eq!(context.to_traceparent(), EXAMPLE);
+        assert_eq!(context.header().as_str(), EXAMPLE);
         let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
         let context = TraceContext::parse(unsampled.as_bytes()).expect("valid");
         assert!(!context.is_sampled());

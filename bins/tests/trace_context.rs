@@ -185,6 +185,21 @@ async fn stored_traceparents(
     (in_postgres, in_clickhouse.into_iter().collect())
 }
 
+/// Starts the processor binary exporting spans to `endpoint` (every 200 ms)
+/// and waits until it has caught up with the topic.
+async fn run_exporting_to(env: &TestEnv, endpoint: &str) -> ProcessorProcess {
+    let mut processor = ProcessorProcess::start(
+        env,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    );
+    processor.wait_ready(Duration::from_secs(60));
+    env.wait_for_catch_up(Duration::from_secs(90)).await;
+    processor
+}
+
 const CARRIED: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const DEAD: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 const REPLAYED: &str = "00-11112222333344445555666677778888-1234567890abcdef-00";
@@ -213,15 +228,7 @@ async fn traceparent_reaches_rows_and_dead_letters_and_spans_follow_it() {
     let ledger = env.produce(600, 0.05, 41).await;
 
     let (endpoint, received) = otlp_receiver().await;
-    let mut processor = ProcessorProcess::start(
-        &env,
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
-        ],
-    );
-    processor.wait_ready(Duration::from_secs(60));
-    env.wait_for_catch_up(Duration::from_secs(90)).await;
+    let mut processor = run_exporting_to(&env, &endpoint).await;
     assert_eq!(
         processor.metric_where("stream_trace_contexts_started_total", "reason=\"missing\""),
         Some(2.0)
@@ -426,15 +433,7 @@ async fn a_collector_that_is_away_drops_spans_not_events() {
         listener.local_addr().expect("address")
     };
     let endpoint = format!("http://{closed}");
-    let mut processor = ProcessorProcess::start(
-        &env,
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
-        ],
-    );
-    processor.wait_ready(Duration::from_secs(60));
-    env.wait_for_catch_up(Duration::from_secs(90)).await;
+    let mut processor = run_exporting_to(&env, &endpoint).await;
     assert!(
         common::within(Duration::from_secs(20), || {
             processor.metric("stream_span_exports_failed_total") >= Some(1.0)
