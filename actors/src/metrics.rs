@@ -42,6 +42,9 @@ pub const IN_FLIGHT_BYTES_LIMIT: &str = "stream_in_flight_bytes_limit";
 pub const CONSUMER_PAUSES: &str = "stream_consumer_pauses_total";
 /// Records behind the end of the partition: end offset minus committed offset (gauge, label `partition`).
 pub const CONSUMER_LAG: &str = "stream_consumer_lag";
+/// Partitions the group assigned to this member (gauge, from librdkafka's
+/// statistics): after a scale-out or scale-in, who holds what.
+pub const CONSUMER_ASSIGNED_PARTITIONS: &str = "stream_consumer_assigned_partitions";
 /// SQS messages received; a redelivery counts again (counter).
 pub const SQS_RECEIVED: &str = "sqs_messages_received_total";
 /// SQS orders stored and their messages deleted (counter).

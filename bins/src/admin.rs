@@ -5,8 +5,8 @@
 //! |---|---|
 //! | `GET /metrics` | Prometheus exposition |
 //! | `GET /healthz` | 200 while the supervisor runs and answers and no actor is hung; 503 when an actor holds a message without progress past the stall limit (liveness) |
-//! | `GET /readyz` | 200 while all five actors run, 503 while restarting or stopping (readiness) |
-//! | `GET /status` | JSON: ready, generation, restarts per actor, mailboxes, committer |
+//! | `GET /readyz` | 200 while all five actors run and the consumer consumes (holds partitions, or is a settled member with none); 503 while restarting or stopping, while joining the group or waiting for its partitions, or when the consumer stopped polling (readiness). A member that holds partitions stays ready through a rebalance. |
+//! | `GET /status` | JSON: ready, the group membership (partitions held), generation, restarts per actor, mailboxes, committer |
 //! | `POST /actors/<name>/kill` | kills the actor; the supervisor restarts the pipeline from the checkpoint |
 //! | `POST /actors/<name>/panic` | makes the actor panic at its next message |
 //! | `POST /actors/<name>/hang` | makes the actor hold its next message forever (the watchdog's case) |
@@ -123,7 +123,13 @@ pub fn read_token_file(path: &Path) -> Result<String, String> {
 /// The status as JSON (also what `streamctl status` prints).
 pub fn status_json(status: &PipelineStatus) -> serde_json::Value {
     json!({
-        "ready": status.ready,
+        "ready": readiness(status).is_ok(),
+        "actors_running": status.ready,
+        "group": {
+            "ready": status.group.ready(),
+            "partitions": status.group.partitions(),
+            "state": status.group.to_string(),
+        },
         "generation": status.generation,
         "restarts": status.restarts,
         "stalled": status.stalled,
@@ -141,6 +147,18 @@ pub fn status_json(status: &PipelineStatus) -> serde_json::Value {
             "persisted": status.committer.persisted,
         },
     })
+}
+
+/// Readiness: the actors run and the consumer consumes. `Ok` with what it
+/// does, `Err` with why not.
+pub fn readiness(status: &PipelineStatus) -> Result<String, String> {
+    if !status.ready {
+        return Err("restarting".to_string());
+    }
+    if !status.group.ready() {
+        return Err(status.group.to_string());
+    }
+    Ok(status.group.to_string())
 }
 
 /// Liveness: unhealthy while an actor is hung (the watchdog restarts it;
@@ -269,8 +287,10 @@ async fn healthz(State(target): State<AdminTarget>) -> Response {
 
 async fn readyz(State(target): State<AdminTarget>) -> Response {
     match current_status(&target, 5_000).await {
-        Some(status) if status.ready => text(200, "ready\n"),
-        Some(_) => text(503, "restarting\n"),
+        Some(status) => match readiness(&status) {
+            Ok(state) => answer(200, TEXT, format!("ready: {state}\n")),
+            Err(reason) => answer(503, TEXT, format!("not ready: {reason}\n")),
+        },
         None => text(503, "supervisor not answering\n"),
     }
 }
@@ -357,11 +377,50 @@ async fn not_found() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stream_actors::consumer::Membership;
+
+    #[test]
+    fn readyz_needs_running_actors_and_a_consuming_member() {
+        let mut status = PipelineStatus {
+            ready: true,
+            group: Membership::Consuming {
+                partitions: 2,
+                rebalancing: true,
+            },
+            mailboxes: Vec::new(),
+            committer: Default::default(),
+            restarts: Default::default(),
+            generation: 1,
+            stalled: Vec::new(),
+        };
+        assert_eq!(
+            readiness(&status),
+            Ok("consuming 2 partition(s) while the group rebalances".to_string())
+        );
+        assert_eq!(status_json(&status)["group"]["partitions"], 2);
+        status.group = Membership::Joining {
+            state: "up".to_string(),
+            join_state: "wait-sync".to_string(),
+        };
+        let reason = readiness(&status).unwrap_err();
+        assert!(reason.contains("joining the group"), "{reason}");
+        assert_eq!(status_json(&status)["ready"], false);
+        status.group = Membership::Idle {
+            members: 7,
+            topic_partitions: 6,
+        };
+        status.ready = false;
+        assert_eq!(readiness(&status), Err("restarting".to_string()));
+    }
 
     #[test]
     fn healthz_fails_while_an_actor_is_stalled() {
         let mut status = PipelineStatus {
             ready: true,
+            group: Membership::Idle {
+                members: 7,
+                topic_partitions: 6,
+            },
             mailboxes: Vec::new(),
             committer: Default::default(),
             restarts: Default::default(),

@@ -40,7 +40,8 @@ use rdkafka::producer::{FutureProducer, Producer};
 use stream_actors::budget::ByteBudget;
 use stream_actors::committer::{CommitterActor, CommitterArgs, CommitterMsg, CommitterStatus};
 use stream_actors::consumer::{
-    create_consumer, CheckpointingContext, ConsumerActor, ConsumerArgs, ConsumerMsg,
+    create_consumer, membership, CheckpointingContext, ConsumerActor, ConsumerArgs, ConsumerMsg,
+    Membership,
 };
 use stream_actors::dlq_writer::{create_dlq_producer, DlqWriterActor, DlqWriterArgs};
 use stream_actors::faults::{Faults, Injected};
@@ -138,6 +139,8 @@ pub enum PipelineMsg {
 pub struct PipelineStatus {
     /// Whether all five actors are running (false while restarting).
     pub ready: bool,
+    /// The consumer's place in its group (readiness needs it to consume).
+    pub group: Membership,
     /// Per data mailbox: actor, depth, capacity, max depth.
     pub mailboxes: Vec<MailboxSnapshot>,
     /// The committer's progress (default while restarting).
@@ -602,8 +605,19 @@ impl Actor for PipelineSupervisor {
                     }
                     None => CommitterStatus::default(),
                 };
+                let group = match &state.shared.kafka {
+                    Some(client) => {
+                        let client = client.clone();
+                        let group_id = state.shared.config.group_id.clone();
+                        tokio::task::spawn_blocking(move || membership::current(&client, &group_id))
+                            .await
+                            .unwrap_or(Membership::Unknown)
+                    }
+                    None => Membership::Unknown,
+                };
                 let _ = reply.send(PipelineStatus {
                     ready: state.children.is_some() && !state.shutting_down,
+                    group,
                     mailboxes: state
                         .mailboxes
                         .iter()

@@ -9,6 +9,8 @@
 //! - [`rebalance`]: the librdkafka context. Every assignment starts each
 //!   partition at its persisted checkpoint; every revocation is settled with
 //!   the committer first.
+//! - [`membership`]: the member's place in the group (statistics), which
+//!   readiness reports.
 //! - [`client`]: the client's settings (cooperative-sticky assignor, static
 //!   membership), its creation, and the rewind an actor restart does instead
 //!   of a rejoin.
@@ -29,9 +31,11 @@
 //! read again from the checkpoint.
 
 pub mod client;
+pub mod membership;
 pub mod rebalance;
 
 pub use client::{create_consumer, rewind_to_checkpoint};
+pub use membership::Membership;
 pub use rebalance::{CheckpointingContext, RebalanceNotice};
 
 use std::collections::HashSet;

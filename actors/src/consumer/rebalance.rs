@@ -35,6 +35,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
+use super::membership::{GroupState, Membership};
 use crate::committer::{CommitterMsg, REVOKE_DRAIN_DEADLINE};
 use crate::error::PipelineError;
 use crate::metrics as names;
@@ -141,6 +142,8 @@ pub struct CheckpointingContext {
     /// pipeline was full). The client outlives the actor: a rewind resumes
     /// them for the next generation.
     pub(super) intake_paused: AtomicBool,
+    /// The group state of the last statistics (readiness reads it).
+    group: Mutex<Option<GroupState>>,
 }
 
 impl CheckpointingContext {
@@ -161,7 +164,13 @@ impl CheckpointingContext {
             poll_lock: Mutex::new(()),
             rejoin: AtomicBool::new(false),
             intake_paused: AtomicBool::new(false),
+            group: Mutex::new(None),
         }
+    }
+
+    /// This member's place in its group, from the last statistics.
+    pub fn membership(&self) -> Membership {
+        Membership::of(self.group.lock().as_ref(), std::time::Instant::now())
     }
 
     /// Asks for a fresh client (and a fresh group membership) at the next
@@ -316,7 +325,30 @@ impl CheckpointingContext {
 impl ClientContext for CheckpointingContext {
     /// librdkafka's statistics (every `statistics.interval.ms`): publishes the
     /// consumer lag per partition, end offset minus committed offset.
+    /// It also keeps the group state (readiness) and publishes the partitions
+    /// assigned.
     fn stats(&self, statistics: rdkafka::Statistics) {
+        if let Some(group) = &statistics.cgrp {
+            metrics::gauge!(names::CONSUMER_ASSIGNED_PARTITIONS).set(group.assignment_size as f64);
+            *self.group.lock() = Some(GroupState {
+                state: group.state.clone(),
+                join_state: group.join_state.clone(),
+                partitions: group.assignment_size,
+                rebalances: group.rebalance_cnt,
+                topic_partitions: statistics
+                    .topics
+                    .get(&self.topic)
+                    .map(|topic| {
+                        topic
+                            .partitions
+                            .keys()
+                            .filter(|partition| **partition >= 0)
+                            .count()
+                    })
+                    .unwrap_or(0),
+                seen: std::time::Instant::now(),
+            });
+        }
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
         };
