@@ -24,13 +24,19 @@ K := $(KUBECTL) --context $(KUBE_CONTEXT)
 # The base kustomizations read observability/ at the repository root.
 KUSTOMIZE_FLAGS := --load-restrictor LoadRestrictionsNone
 TIMEOUT ?= 600s
+# KEDA, which scales the processor on its group's lag
+# (k8s/base/platform/processor-scaledobject.yaml). scripts/check-k8s.sh
+# validates the ScaledObject against this version's CRD.
+KEDA_VERSION ?= 2.21.1
+KEDA_MANIFEST ?= https://github.com/kedacore/keda/releases/download/v$(KEDA_VERSION)/keda-$(KEDA_VERSION).yaml
 
-.PHONY: help print-image print-cluster secrets k3d-up images deploy wait demo-k8s k3d-down render check bench
+.PHONY: help print-image print-cluster print-keda-version keda secrets k3d-up images deploy wait demo-k8s k3d-down render check bench
 
 help:
 	@echo "make k3d-up      create the k3d cluster $(CLUSTER) ($(K3D_CONFIG))"
 	@echo "make images      docker build -t $(IMAGE) . and import it into the cluster"
-	@echo "make deploy      render $(OVERLAY), apply it, wait for every rollout"
+	@echo "make keda        install KEDA $(KEDA_VERSION) (the processor's autoscaler) into namespace keda"
+	@echo "make deploy      install KEDA, render $(OVERLAY), apply it, wait for every rollout"
 	@echo "make secrets     generate the Secrets' values once (k8s/generate-secrets.sh, into $(OVERLAY)/secrets/)"
 	@echo "make demo-k8s    the resilience demo against the cluster (k8s/demo-k8s.sh)"
 	@echo "make k3d-down    delete the cluster"
@@ -43,6 +49,16 @@ print-image:
 
 print-cluster:
 	@echo $(CLUSTER)
+
+print-keda-version:
+	@echo $(KEDA_VERSION)
+
+# KEDA's own release manifest (CRDs, operator, metrics API server, admission
+# webhooks), applied server-side (its CRDs are too large for the
+# last-applied annotation); the ScaledObject needs its CRD and its operator.
+keda:
+	$(K) apply --server-side -f $(KEDA_MANIFEST)
+	$(K) -n keda wait --for=condition=Available deployment --all --timeout=$(TIMEOUT)
 
 k3d-up:
 	k3d cluster create --config $(K3D_CONFIG)
@@ -63,7 +79,7 @@ render: secrets
 # names change with their values, and a Job's template cannot change. It is
 # idempotent, so every deploy runs it again (and re-applies the app role's
 # password).
-deploy: secrets
+deploy: secrets keda
 	$(K) -n platform delete job db-migrate --ignore-not-found
 	$(KUBECTL) kustomize $(KUSTOMIZE_FLAGS) $(OVERLAY) | $(K) apply -f -
 	@$(MAKE) --no-print-directory wait

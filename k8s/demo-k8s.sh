@@ -73,9 +73,18 @@ VICTIM=$(processor_pods | awk 'NR == 1')
 [ -n "$VICTIM" ] || die "no running processor pod"
 note "stored events before: ${BEFORE:-?}; deleting pod $VICTIM"
 k -n "$NS" delete pod "$VICTIM" --wait=true >/dev/null
-# The Deployment replaces it; wait until two pods are ready again.
-k -n "$NS" wait deployment/processor --for=jsonpath='{.status.readyReplicas}'=2 --timeout=300s >/dev/null
+# The Deployment replaces it; wait until as many pods are ready as the
+# autoscaler wants (KEDA sets the count from the group's lag). A pod is ready
+# once it holds partitions.
+deadline=$((SECONDS + 300))
+until [ "$(k -n "$NS" get deployment/processor -o jsonpath='{.status.readyReplicas}/{.spec.replicas}' |
+  awk -F/ '$1 != "" && $1 == $2 { print "ok" }')" = ok ]; do
+  [ "$SECONDS" -lt "$deadline" ] || die "the processor pods were not all ready again within 300 s"
+  sleep 2
+done
 note "processors ready again: $(processor_pods | tr '\n' ' ')"
+note "autoscaler (KEDA, from the group's lag): $(k -n "$NS" get hpa keda-hpa-processor \
+  -o jsonpath='{.status.currentReplicas} replica(s) running, {.status.desiredReplicas} wanted' 2>/dev/null || echo 'no HPA: is KEDA installed (make keda)?')"
 # The audit needs a quiet topic: wait for loadgen to have sent everything.
 if ! k -n "$NS" wait job/loadgen --for=condition=complete --timeout="${LOADGEN_TIMEOUT}s" >/dev/null; then
   k -n "$NS" logs job/loadgen --tail=5 >&2 || true

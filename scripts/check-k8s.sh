@@ -8,7 +8,11 @@
 #     `kubectl kustomize --load-restrictor LoadRestrictionsNone`;
 #   - every rendered object validates against the Kubernetes $K8S_VERSION
 #     schemas (kubernetes-validate --strict, offline: the schemas ship with it,
-#     installed into .services/venv-k8s when missing);
+#     installed into .services/venv-k8s when missing); a kind it has no
+#     schema for fails, except KEDA's ScaledObject, which validates against
+#     the CRD of KEDA $KEDA_VERSION (the version `make keda` installs; its Go
+#     module from the Go module proxy, checked against a pinned SHA-256,
+#     kept in .services/keda-$KEDA_VERSION), strictly: no unknown field;
 #   - the policy tests, k8s/tests/test_policy.py (probes, resources, non-root,
 #     PVCs, images, env vars against the binaries' --help; the broker: Apache
 #     Kafka's official image in KRaft mode, its log dirs on a PVC, no
@@ -34,6 +38,12 @@ cd "$ROOT"
 
 K8S_VERSION="${K8S_VERSION:-1.31.0}"
 KUBERNETES_VALIDATE_VERSION="1.37.0"
+# KEDA: the Makefile's KEDA_VERSION (checked below), its Go module's SHA-256.
+KEDA_VERSION="$(make -s print-keda-version 2>/dev/null || true)"
+KEDA_MODULE_SHA256="872fa4b9d4282969ece753727ca31a7a31eaf341a52fa0972148297521ca9a75"
+KEDA_PINNED="2.21.1"
+KEDA_DIR="$ROOT/.services/keda-$KEDA_PINNED"
+GOPROXY_URL="${GOPROXY_URL:-https://proxy.golang.org}"
 VENV="$ROOT/.services/venv-k8s"
 BIN_DIR="${BIN_DIR:-$ROOT/target/debug}"
 OVERLAY="k8s/overlays/local"
@@ -98,8 +108,94 @@ render() {
   kubectl kustomize --load-restrictor LoadRestrictionsNone "$1"
 }
 
+# kubernetes-validate passes a kind it has no schema for with a warning: here
+# that fails, unless the kind is one whose CRD schema validate_crd_objects
+# checks.
 validate() {
-  "$VENV/bin/kubernetes-validate" --kubernetes-version "$K8S_VERSION" --strict --quiet "$1"
+  local out
+  out=$("$VENV/bin/kubernetes-validate" --kubernetes-version "$K8S_VERSION" --strict --quiet "$1" 2>&1) || {
+    printf '%s\n' "$out"
+    return 1
+  }
+  if printf '%s\n' "$out" | grep "Couldn't find schema" |
+    grep -v "kind ScaledObject with api version keda.sh/v1alpha1 " | grep -q .; then
+    printf '%s\n' "$out"
+    return 1
+  fi
+}
+
+# KEDA's ScaledObject CRD, from KEDA's Go module (the Go module proxy serves
+# it as a zip; config/crd/bases holds the CRDs KEDA installs).
+ensure_keda_crd() {
+  [ -s "$KEDA_DIR/keda.sh_scaledobjects.yaml" ] && return 0
+  mkdir -p "$KEDA_DIR"
+  local zip="$KEDA_DIR/module.zip"
+  curl -fsS --retry 3 --max-time 120 -o "$zip" \
+    "$GOPROXY_URL/github.com/kedacore/keda/v2/@v/v$KEDA_PINNED.zip"
+  echo "$KEDA_MODULE_SHA256  $zip" | sha256sum -c --quiet - || {
+    echo "the KEDA module from $GOPROXY_URL is not the one pinned (SHA-256 $KEDA_MODULE_SHA256)"
+    rm -f "$zip"
+    return 1
+  }
+  python3 - "$zip" "$KEDA_DIR" "github.com/kedacore/keda/v2@v$KEDA_PINNED/config/crd/bases/keda.sh_scaledobjects.yaml" <<'PY'
+import os
+import sys
+import zipfile
+with zipfile.ZipFile(sys.argv[1]) as module:
+    data = module.read(sys.argv[3])
+target = os.path.join(sys.argv[2], os.path.basename(sys.argv[3]))
+with open(target + ".tmp", "wb") as f:
+    f.write(data)
+os.replace(target + ".tmp", target)
+PY
+  rm -f "$zip"
+}
+
+# Every object of FILE whose kind a CRD in KEDA_DIR defines, against that
+# CRD's openAPIV3Schema for its version. Strict like `kubectl apply`'s field
+# validation: an object schema that does not allow unknown fields
+# (x-kubernetes-preserve-unknown-fields, additionalProperties) rejects them.
+validate_crd_objects() {
+  "$VENV/bin/python" - "$1" "$KEDA_DIR" <<'PY'
+import glob
+import os
+import sys
+import jsonschema
+import yaml
+
+def strict(schema):
+    if not isinstance(schema, dict):
+        return schema
+    schema = {k: strict(v) if k in ("items", "additionalProperties") else v for k, v in schema.items()}
+    if "properties" in schema:
+        schema["properties"] = {k: strict(v) for k, v in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    return schema
+
+schemas = {}
+for path in glob.glob(os.path.join(sys.argv[2], "*.yaml")):
+    crd = yaml.safe_load(open(path, encoding="utf-8"))
+    group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+    for version in crd["spec"]["versions"]:
+        if version.get("served"):
+            schemas[(group + "/" + version["name"], kind)] = strict(version["schema"]["openAPIV3Schema"])
+checked, errors = 0, []
+for doc in yaml.safe_load_all(open(sys.argv[1], encoding="utf-8")):
+    if not doc:
+        continue
+    schema = schemas.get((doc.get("apiVersion"), doc.get("kind")))
+    if schema is None:
+        continue
+    checked += 1
+    name = "%s/%s" % (doc["kind"], doc["metadata"]["name"])
+    for error in jsonschema.Draft7Validator(schema).iter_errors(doc):
+        errors.append("%s: %s at %s" % (name, error.message, "/".join(map(str, error.absolute_path)) or "/"))
+for error in errors:
+    print(error)
+print("%d object(s) of %d CRD kind(s) checked" % (checked, len({k for _, k in schemas})))
+sys.exit(1 if errors else 0)
+PY
 }
 
 # The in-cluster Prometheus config through promtool. Debian's promtool is built
@@ -189,6 +285,12 @@ if ! ensure_venv >"$WORK/venv.log" 2>&1; then
   exit 1
 fi
 echo "kubernetes-validate: $("$VENV/bin/kubernetes-validate" --version), schemas of Kubernetes $K8S_VERSION (offline, strict)"
+if [ "$KEDA_VERSION" != "$KEDA_PINNED" ]; then
+  fail "the Makefile's KEDA_VERSION ($KEDA_VERSION) is not the version whose CRD this script pins ($KEDA_PINNED): update KEDA_PINNED and KEDA_MODULE_SHA256 together"
+fi
+if ! ensure_keda_crd >"$WORK/keda.log" 2>&1; then
+  fail "cannot fetch KEDA $KEDA_PINNED's ScaledObject CRD from $GOPROXY_URL" "$(tail -n 5 "$WORK/keda.log")"
+fi
 if ! command -v shellcheck >/dev/null 2>&1; then
   echo "installing shellcheck with apt-get" >&2
   apt_install shellcheck || true
@@ -211,6 +313,9 @@ for dir in "${kustomizations[@]}"; do
     passed=$((passed + 1))
     printf 'ok   render %s (%s objects)\n' "$dir" "$(grep -c '^kind:' "$out")"
     check "kubernetes-validate $dir (Kubernetes $K8S_VERSION, strict)" validate "$out"
+    if grep -q '^kind: ScaledObject$' "$out"; then
+      check "ScaledObjects of $dir against KEDA $KEDA_PINNED's CRD schema (strict)" validate_crd_objects "$out"
+    fi
   else
     fail "render $dir" "$(cat "$WORK/render.err")"
   fi
@@ -237,8 +342,8 @@ if command -v promtool >/dev/null 2>&1; then
 else
   echo "skip promtool check config (promtool not installed: scripts/check-observability.sh installs it)"
 fi
-check "Makefile: secrets k3d-up images deploy demo-k8s k3d-down render check parse (make -n)" \
-  make -n -s secrets k3d-up images deploy demo-k8s k3d-down render check
+check "Makefile: secrets k3d-up keda images deploy demo-k8s k3d-down render check parse (make -n)" \
+  make -n -s secrets k3d-up keda images deploy demo-k8s k3d-down render check
 check "Makefile: IMAGE ($(make -s print-image 2>/dev/null || true)) is a name:tag reference" image_variable
 
 # --- shell scripts

@@ -38,8 +38,13 @@ and the glue: metrics ports and scrape annotations agree with METRICS_ADDR
 /readyz) where the binary serves it, the lag exporter runs one replica of
 `streamctl lag --serve` on the processor's group and topic with the
 checkpoint (POSTGRES_URL), the DLQ archiver one replica (Recreate) of
-`streamctl dlq archive --follow` on the processor's dead-letter topic, the processor runs 2 replicas in one group under a
-PodDisruptionBudget, as static members (KAFKA_GROUP_INSTANCE_ID is the pod
+`streamctl dlq archive --follow` on the processor's dead-letter topic, the processor runs in one group under a
+PodDisruptionBudget (maxUnavailable 1), its replica count set by one KEDA
+ScaledObject (no `replicas` on the Deployment; 1 to the topic's partitions; a
+Kafka trigger on the processor's brokers, group and topic, with metadata keys
+KEDA reads and, if set, a protocol version Kafka 4 serves; a scale-up that waits out
+twice the session timeout, a scale-down of one pod a minute; KEDA's operator
+admitted to the broker), as static members (KAFKA_GROUP_INSTANCE_ID is the pod
 name), with a SESSION_TIMEOUT_MS, if set, within Kafka's default
 group.min/max.session.timeout.ms (6000..300000), the ConfigMaps
 carry observability/ verbatim, the Dockerfile ships the binaries the
@@ -465,8 +470,6 @@ def rule_processor(docs, project_image):
     deployment = find(docs, "Deployment", "processor")
     if deployment is None:
         return ["no Deployment processor"]
-    if deployment["spec"].get("replicas", 1) < 2:
-        bad.append("processor: replicas %s, want 2 (one consumer group)" % deployment["spec"].get("replicas"))
     labels = deployment["spec"]["template"]["metadata"].get("labels", {})
     if labels.get("app.kubernetes.io/name") != "processor":
         bad.append("processor pods are not labelled app.kubernetes.io/name=processor (Prometheus job, rules' up{job=\"processor\"})")
@@ -494,8 +497,9 @@ def rule_processor(docs, project_image):
                and all(labels.get(k) == v for k, v in d["spec"].get("selector", {}).get("matchLabels", {}).items())]
     if not budgets:
         bad.append("processor: no PodDisruptionBudget selects its pods")
-    elif all(b["spec"].get("minAvailable") != 1 for b in budgets):
-        bad.append("processor: PodDisruptionBudget is not minAvailable: 1")
+    elif all(b["spec"].get("maxUnavailable") != 1 or "minAvailable" in b["spec"] for b in budgets):
+        bad.append("processor: PodDisruptionBudget is not maxUnavailable: 1 (the autoscaler may leave one "
+                   "replica, and minAvailable 1 would then block every drain)")
     return bad
 
 
@@ -585,6 +589,116 @@ def rule_dlq_archiver(docs, project_image):
     service = find(docs, "Service", host)
     if service is None or not any(str(p.get("port")) == str(endpoint.port) for p in service["spec"].get("ports", [])):
         bad.append("%s: S3_ENDPOINT %s is no Service port here" % (DLQ_ARCHIVER, endpoint.geturl() or "(unset)"))
+    return bad
+
+
+# KEDA's ScaledObject for the processor (k8s/base/platform/processor-scaledobject.yaml).
+SCALED_OBJECT = ("keda.sh/v1alpha1", "ScaledObject")
+# KEDA's operator, which reads the group's lag from the broker: namespace keda,
+# its pods' labels in KEDA's manifests (config/manager/manager.yaml).
+KEDA_OPERATOR = ("keda", {"app": "keda-operator", "name": "keda-operator"})
+# The metadata KEDA 2.21's Kafka scaler reads (pkg/scalers/kafka_scaler.go,
+# kafkaMetadata's `keda:"name=..."` tags); any other key is ignored by KEDA, so a
+# misspelt one silently keeps the default.
+KEDA_KAFKA_METADATA = {
+    "bootstrapServers", "consumerGroup", "topic", "partitionLimitation", "lagThreshold",
+    "activationLagThreshold", "offsetResetPolicy", "allowIdleConsumers", "excludePersistentLag",
+    "scaleToZeroOnInvalidOffset", "limitToPartitionsWithLag", "ensureEvenDistributionOfPartitions",
+    "fullMetadata", "version", "tls", "unsafeSsl", "sasl", "saslTokenProvider", "awsRegion",
+}
+# Below 0.10.1 the scaler reads end offsets with ListOffsets v0, which Kafka 4
+# refuses (KIP-896; measured: KEDA 2.21.1 against Kafka 4.4.0 fails with EOF).
+OLDEST_KAFKA_PROTOCOL = (0, 10, 1)
+
+
+def rule_processor_autoscaling(docs, project_image):
+    """The processor's replicas follow the group's lag: one KEDA ScaledObject on Deployment processor
+    (which sets no replicas of its own), 1 to as many replicas as the topic has partitions, a Kafka
+    trigger on the processor's brokers, group and topic, a scale-up that waits out a static member's
+    session timeout and a scale-down of one pod a minute, and a NetworkPolicy that lets KEDA's operator
+    reach the broker."""
+    deployment = find(docs, "Deployment", "processor")
+    consumer = processor_container(docs, project_image)
+    if deployment is None or consumer is None:
+        return ["no processor Deployment running %s" % project_image]
+    scaled = [d for d in docs if (d.get("apiVersion"), d.get("kind")) == SCALED_OBJECT
+              and (d.get("spec", {}).get("scaleTargetRef") or {}).get("name") == "processor"]
+    if len(scaled) != 1:
+        return ["%d ScaledObjects (%s) target Deployment processor, want 1" % (len(scaled), "/".join(SCALED_OBJECT))]
+    spec = scaled[0]["spec"]
+    bad = []
+    ref = spec["scaleTargetRef"]
+    if ref.get("kind", "Deployment") != "Deployment" or ref.get("apiVersion", "apps/v1") != "apps/v1":
+        bad.append("ScaledObject processor: scaleTargetRef is %s %s, not the Deployment"
+                   % (ref.get("apiVersion"), ref.get("kind")))
+    if "replicas" in deployment["spec"]:
+        bad.append("processor: spec.replicas is %s while the ScaledObject's HPA owns the count: every apply "
+                   "would reset it" % deployment["spec"]["replicas"])
+    if spec.get("minReplicaCount") != 1:
+        bad.append("ScaledObject processor: minReplicaCount %r, want 1 (KEDA's default 0 stops every "
+                   "processor when the lag is 0)" % spec.get("minReplicaCount"))
+    topic = flag_or_env(consumer, "--topic", "KAFKA_TOPIC") or TOPIC_DEFAULTS["KAFKA_TOPIC"]
+    job = find(docs, "Job", "topic-init")
+    ensure = next((c for _, c in containers(job["spec"]["template"]["spec"])
+                   if container_command(c)[:3] == ["streamctl", "topics", "ensure"]), None) if job else None
+    partitions = (flag_or_env(ensure, "--partitions", "TOPIC_PARTITIONS") or "6") if ensure else None
+    if partitions is None or not partitions.isdigit():
+        bad.append("ScaledObject processor: the partitions of %s are unknown (topic-init sets TOPIC_PARTITIONS)"
+                   % topic)
+    elif spec.get("maxReplicaCount") != int(partitions):
+        bad.append("ScaledObject processor: maxReplicaCount %r, want %s, the partitions of %s: a member "
+                   "beyond them gets none" % (spec.get("maxReplicaCount"), partitions, topic))
+    triggers = spec.get("triggers") or []
+    if len(triggers) != 1 or triggers[0].get("type") != "kafka":
+        bad.append("ScaledObject processor: triggers %s, want one of type kafka (the group's lag)"
+                   % [t.get("type") for t in triggers])
+    else:
+        meta = triggers[0].get("metadata") or {}
+        unknown = sorted(set(meta) - KEDA_KAFKA_METADATA)
+        if unknown:
+            bad.append("ScaledObject processor: Kafka trigger metadata %s is not read by KEDA's Kafka scaler"
+                       % ", ".join(unknown))
+        wanted = (("bootstrapServers", flag_or_env(consumer, "--brokers", "KAFKA_BROKERS")),
+                  ("consumerGroup", flag_or_env(consumer, "--group", "KAFKA_GROUP") or "processor"),
+                  ("topic", topic))
+        for key, value in wanted:
+            if meta.get(key) != value:
+                bad.append("ScaledObject processor: %s %r, the processor's is %r" % (key, meta.get(key), value))
+        if not str(meta.get("lagThreshold", "")).isdigit() or int(meta["lagThreshold"]) < 1:
+            bad.append("ScaledObject processor: lagThreshold %r is not a positive number of records"
+                       % meta.get("lagThreshold"))
+        if meta.get("offsetResetPolicy") != "earliest":
+            bad.append("ScaledObject processor: offsetResetPolicy %r, want earliest (the processor starts a "
+                       "partition without a checkpoint at the log's beginning)" % meta.get("offsetResetPolicy"))
+        if str(meta.get("allowIdleConsumers", "false")).lower() != "false":
+            bad.append("ScaledObject processor: allowIdleConsumers is on: replicas beyond the partitions idle")
+        if "version" in meta:
+            version = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)(\.\d+)?", str(meta["version"]))
+            if not version or tuple(int(part) for part in version.groups()[:3]) < OLDEST_KAFKA_PROTOCOL:
+                bad.append("ScaledObject processor: version %r is not a Kafka version of 0.10.1 or newer: "
+                           "below it the scaler reads end offsets with ListOffsets v0, which Kafka 4 refuses"
+                           % meta["version"])
+    behavior = (((spec.get("advanced") or {}).get("horizontalPodAutoscalerConfig") or {}).get("behavior") or {})
+    session_ms = int(flag_or_env(consumer, "--session-timeout-ms", "SESSION_TIMEOUT_MS") or SESSION_TIMEOUT_MS[0])
+    up = behavior.get("scaleUp") or {}
+    if int(up.get("stabilizationWindowSeconds", 0)) * 1000 < 2 * session_ms:
+        bad.append("ScaledObject processor: scaleUp.stabilizationWindowSeconds %s is under twice the session "
+                   "timeout (%d ms): the lag a removed static member leaves for one session timeout would "
+                   "bring the pod back" % (up.get("stabilizationWindowSeconds", 0), session_ms))
+    down = behavior.get("scaleDown") or {}
+    policies = down.get("policies") or []
+    if (int(down.get("stabilizationWindowSeconds", 0)) < 60 or not policies
+            or any(p.get("type") != "Pods" or p.get("value", 0) > 1 or p.get("periodSeconds", 0) < 60
+                   for p in policies)):
+        bad.append("ScaledObject processor: scaleDown is not one pod per minute or slower after a window of "
+                   "60 s or more (each removal moves partitions)")
+    pods = pods_by_component(docs)
+    if BROKER in pods:
+        namespace, labels, ports = pods[BROKER]
+        port = next(((number, name) for number, name in ports if number == 9092), (9092, "kafka"))
+        if not admitted(docs, (namespace, labels), port, KEDA_OPERATOR):
+            bad.append("no NetworkPolicy admits KEDA's operator (namespace %s, app=%s) to %s:9092: it cannot "
+                       "read the lag" % (KEDA_OPERATOR[0], KEDA_OPERATOR[1]["app"], BROKER))
     return bad
 
 
@@ -1450,8 +1564,9 @@ def rule_admin_port(docs, processor="processor", port=ADMIN_PORT, prometheus=PRO
 # Who connects to whom: (client, server, server's container port), clients and
 # servers by app.kubernetes.io/name. The NetworkPolicies must admit exactly
 # these (rule_flows computes what they admit between every pair of workloads,
-# and from three probe pods: "stranger@NS", a pod of NS no policy names, and
-# "outsider", a pod of namespace default). Kubelet's probes are not clients:
+# and from probe pods: "stranger@NS", a pod of NS no policy names,
+# "outsider", a pod of namespace default, and KEDA's operator, which the
+# cluster runs outside these manifests). Kubelet's probes are not clients:
 # k3s's kube-router accepts traffic from the pod's own node.
 PLATFORM_FLOWS = {
     ("processor", "kafka", 9092), ("loadgen", "kafka", 9092), ("topic-init", "kafka", 9092),
@@ -1464,6 +1579,8 @@ PLATFORM_FLOWS = {
     ("lag-exporter", "kafka", 9092), ("lag-exporter", "postgres", 5432), ("prometheus", "lag-exporter", 9467),
     # The DLQ archiver reads the dead-letter topic and writes MinIO; Prometheus scrapes it.
     ("dlq-archiver", "kafka", 9092), ("dlq-archiver", "minio", 9000), ("prometheus", "dlq-archiver", 9468),
+    # KEDA's operator reads the processor group's lag.
+    ("keda-operator", "kafka", 9092),
 }
 OBSERVABILITY_FLOWS = {
     ("grafana", "prometheus", 9090), ("prometheus", "prometheus", 9090),
@@ -1488,6 +1605,7 @@ def rule_flows(docs, expected):
     for namespace in sorted({ns for ns, _ in sources.values()}):
         sources["stranger@%s" % namespace] = (namespace, {NAME_LABEL: "stranger"})
     sources["outsider"] = ("default", {})
+    sources["keda-operator"] = KEDA_OPERATOR
     actual = set()
     for server, (namespace, labels, ports) in pods.items():
         for number, name in ports:
@@ -1605,7 +1723,7 @@ def good_processor():
     ]
     budget = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
               "metadata": {"name": "processor", "namespace": "platform"},
-              "spec": {"minAvailable": 1, "selector": {"matchLabels": dict(labels)}}}
+              "spec": {"maxUnavailable": 1, "selector": {"matchLabels": dict(labels)}}}
     return [doc, budget]
 
 
@@ -1665,8 +1783,12 @@ class Manifests(unittest.TestCase):
         self.assertHolds(rule_metrics(DOCS, IMAGE))
 
     def test_processor(self):
-        """the processor: 2 replicas in one group, static members by pod name, a PodDisruptionBudget minAvailable 1"""
+        """the processor: one group, static members by pod name, a PodDisruptionBudget maxUnavailable 1"""
         self.assertHolds(rule_processor(DOCS, IMAGE))
+
+    def test_processor_autoscaling(self):
+        """the processor's replicas follow the lag: a KEDA ScaledObject, 1 to the partitions, its group and topic, slow scale-down"""
+        self.assertHolds(rule_processor_autoscaling(DOCS, IMAGE))
 
     def test_lag_exporter(self):
         """the lag exporter: 1 replica of streamctl lag --serve, the processor's group and topic, with the checkpoint"""
@@ -1931,6 +2053,45 @@ class NegativeSelfChecks(unittest.TestCase):
             violations = rule_dlq_archiver(self.rendered(change), IMAGE)
             self.assertEqual(1, len(violations), (words, violations))
             self.assertIn(words, violations[0])
+
+    def test_processor_autoscaling(self):
+        """self-check: replicas set, min 0, max past the partitions, another group or topic, idle consumers, the old protocol, quick scaling, a misspelt key, KEDA kept from the broker are rejected"""
+        def scaled(docs):
+            return next(d for d in docs if d.get("kind") == "ScaledObject")
+
+        def trigger(docs):
+            return scaled(docs)["spec"]["triggers"][0]["metadata"]
+
+        def behavior(docs):
+            return scaled(docs)["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+
+        def keep_keda_out(docs):
+            policy = find(docs, "NetworkPolicy", BROKER)
+            policy["spec"]["ingress"] = [rule for rule in policy["spec"]["ingress"]
+                                         if not any("namespaceSelector" in peer for peer in rule.get("from", []))]
+
+        self.assertEqual([], rule_processor_autoscaling(DOCS, IMAGE))
+        for change, words in (
+                (lambda docs: find(docs, "Deployment", "processor")["spec"].update(replicas=2), "spec.replicas"),
+                (lambda docs: scaled(docs)["spec"].update(minReplicaCount=0), "minReplicaCount 0"),
+                (lambda docs: scaled(docs)["spec"].update(maxReplicaCount=12), "maxReplicaCount 12"),
+                (lambda docs: trigger(docs).update(consumerGroup="other"), "consumerGroup 'other'"),
+                (lambda docs: trigger(docs).update(topic="events.dlq"), "topic 'events.dlq'"),
+                (lambda docs: trigger(docs).update(allowIdleConsumers="true"), "allowIdleConsumers"),
+                (lambda docs: trigger(docs).update(offsetResetPolicy="latest"), "offsetResetPolicy 'latest'"),
+                (lambda docs: trigger(docs).update(version="0.10.0.0"), "version '0.10.0.0'"),
+                (lambda docs: trigger(docs).update(version="4.0"), "version '4.0'"),
+                (lambda docs: trigger(docs).update(lagthreshold="100"), "lagthreshold"),
+                (lambda docs: behavior(docs)["scaleUp"].update(stabilizationWindowSeconds=0), "scaleUp"),
+                (lambda docs: behavior(docs)["scaleDown"]["policies"][0].update(value=3), "scaleDown"),
+                (lambda docs: behavior(docs).pop("scaleDown"), "scaleDown"),
+                (keep_keda_out, "KEDA's operator")):
+            violations = rule_processor_autoscaling(self.rendered(change), IMAGE)
+            self.assertEqual(1, len(violations), (words, violations))
+            self.assertIn(words, violations[0])
+        violations = rule_processor_autoscaling([d for d in DOCS if d.get("kind") != "ScaledObject"], IMAGE)
+        self.assertEqual(["0 ScaledObjects (keda.sh/v1alpha1/ScaledObject) target Deployment processor, want 1"],
+                         violations)
 
     def test_good_broker_passes(self):
         """self-check: the good one-node KRaft broker passes the broker rules"""

@@ -194,9 +194,12 @@ pub fn current(client: &BaseConsumer<CheckpointingContext>, group_id: &str) -> M
         .fetch_group_list(Some(group_id), DESCRIBE_TIMEOUT)
         .map_err(|error| error.to_string())
         .and_then(|list| {
+            // Each broker answers for the group; only its coordinator knows
+            // the members (the others answer with an error and none).
             list.groups()
                 .iter()
-                .find(|group| group.name() == group_id)
+                .filter(|group| group.name() == group_id)
+                .max_by_key(|group| group.members().len())
                 .map(|group| (group.state().to_string(), group.members().len()))
                 .ok_or_else(|| format!("the coordinator does not know group {group_id}"))
         });
