@@ -50,8 +50,8 @@
 #   start S start one installed service (kafka: the broker, its users and
 #           ACLs, no topics)
 #   kill kafka  SIGKILL the broker (a crash; `start kafka` brings it back)
-#   freeze S / thaw S  SIGSTOP / SIGCONT postgres or clickhouse: a hung server
-#              that keeps its connections open and answers nothing
+#   freeze S / thaw S  SIGSTOP / SIGCONT postgres, clickhouse or kafka: a hung
+#              server that keeps its connections open and answers nothing
 #
 # State (logs, pid files, data, venv) lives in $ROOT/.services/.
 set -euo pipefail
@@ -976,8 +976,14 @@ signal_service() { # STOP|CONT service
             pid="$(pid_of "$CH_PID" clickhouse-server)" || die "clickhouse: not running"
             kill "-$signal" "$pid"
             ;;
+        kafka)
+            # The broker stops reading its sockets; what clients send waits
+            # in the kernel's buffers and is handled at the thaw.
+            pid="$(pid_of "$KAFKA_PID" "kafka.Kafka $KAFKA_CONFIG")" || die "kafka: not running"
+            kill "-$signal" "$pid"
+            ;;
         *)
-            echo "usage: $0 freeze|thaw postgres|clickhouse" >&2
+            echo "usage: $0 freeze|thaw postgres|clickhouse|kafka" >&2
             exit 2
             ;;
     esac

@@ -502,6 +502,56 @@ impl DlqWriterState {
         Ok(())
     }
 
+    /// Drops from `pending` the dead letters the topic holds after all,
+    /// reading it from `starts`. False when the topic cannot be read now.
+    async fn drop_landed(
+        &self,
+        pending: &mut Vec<Pending>,
+        starts: &BTreeMap<i32, i64>,
+    ) -> Result<bool, ActorProcessingErr> {
+        let wanted: HashSet<(i32, i64)> = pending
+            .iter()
+            .map(|Pending { record, .. }| {
+                (record.raw.position.partition, record.raw.position.offset)
+            })
+            .collect();
+        let (brokers, dlq_topic, source_topic, starts_there) = (
+            self.args.brokers.clone(),
+            self.args.dlq_topic.clone(),
+            self.args.source_topic.clone(),
+            starts.clone(),
+        );
+        // Bounded by the read's own deadline.
+        let read = tokio::task::spawn_blocking(move || {
+            delivered_among(&brokers, &dlq_topic, &source_topic, &starts_there, &wanted)
+        });
+        let found = match self.args.progress.protect(read).await? {
+            Ok(found) => found,
+            Err(error) => {
+                warn!(error = %format!("{error:#}"), "cannot read the dead-letter topic to see which failed dead letters landed; waiting");
+                return Ok(false);
+            }
+        };
+        if !found.is_empty() {
+            pending.retain(|Pending { record, .. }| {
+                let landed =
+                    found.contains(&(record.raw.position.partition, record.raw.position.offset));
+                if landed {
+                    metrics::counter!(names::DLQ_MESSAGES, "error_type" => record.kind.label())
+                        .increment(1);
+                }
+                !landed
+            });
+            metrics::counter!(names::DLQ_DUPLICATES_SKIPPED).increment(found.len() as u64);
+            info!(
+                landed = found.len(),
+                still_pending = pending.len(),
+                "dead letters reported as failed are in the topic after all; not written again"
+            );
+        }
+        Ok(true)
+    }
+
     /// Produces every record and waits for the broker to confirm each one.
     /// Returns the records that failed; one the topic refused permanently
     /// comes back in the next smaller [`Form`], to be tried again at once.
@@ -677,6 +727,9 @@ impl Actor for DlqWriterActor {
                 }
                 let delivered: Vec<SourcePosition> =
                     remaining.iter().map(|record| record.raw.position).collect();
+                // Where this batch's dead letters can land: the dead-letter
+                // topic's end offsets before its first produce.
+                let mut recheck_from: Option<BTreeMap<i32, i64>> = None;
                 if let Some(index) = state.args.index.clone().filter(|_| !delivered.is_empty()) {
                     let progress = &state.args.progress;
                     if state.dlq_ends.is_none() {
@@ -698,6 +751,11 @@ impl Actor for DlqWriterActor {
                         state.dlq_ends = Some(ends);
                     }
                     let scan_from = state.dlq_ends.clone().unwrap_or_default();
+                    recheck_from = Some(
+                        (0..)
+                            .zip(scan_from.iter().copied())
+                            .collect::<BTreeMap<i32, i64>>(),
+                    );
                     let confirming = std::mem::take(&mut state.unconfirmed);
                     until_done(progress, "record dead-letter intents", || {
                         index.intend(&delivered, &scan_from, &confirming)
@@ -726,12 +784,27 @@ impl Actor for DlqWriterActor {
                     }
                     // A smaller form goes again at once; anything else waits.
                     if must_wait {
-                        state
-                            .args
-                            .progress
-                            .protect(tokio::time::sleep(backoff))
-                            .await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        // A dead letter that failed in flight (a broker that
+                        // hung until message.timeout.ms) may have been
+                        // appended all the same: before sending any again,
+                        // look in the topic, and wait while it cannot be read.
+                        loop {
+                            state
+                                .args
+                                .progress
+                                .protect(tokio::time::sleep(backoff))
+                                .await;
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            let Some(starts) = &recheck_from else {
+                                break;
+                            };
+                            if state.drop_landed(&mut pending, starts).await? {
+                                break;
+                            }
+                        }
+                        if pending.is_empty() {
+                            break;
+                        }
                     }
                 }
                 if let Some(index) = state.args.index.clone() {

@@ -105,6 +105,54 @@ async fn the_kafka_broker_sigkilled_twice_mid_run_loses_and_duplicates_nothing()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_that_timed_out_while_the_broker_hung_are_not_written_twice() {
+    // A hung broker (SIGSTOP) answers nothing, but the produce requests sent
+    // to it wait in its socket buffer and are appended when it resumes. The
+    // DLQ producer gives up on them after message.timeout.ms (30 s): a
+    // dead letter reported as failed may be in the topic all the same, and
+    // sending it again would write it twice.
+    const EVENTS: u64 = 100_000;
+    let env = TestEnv::new("brokerhang", 3).await;
+    // All of it first: the broker hangs early in the run, with most records
+    // still to go (and many in the consumer's buffers), so dead letters are
+    // being produced while it hangs.
+    let ledger = env.produce(EVENTS, 0.2, 606).await;
+    let mut processor =
+        ProcessorProcess::start(&env, &[("KAFKA_GROUP_INSTANCE_ID", "brokerhang-0")]);
+    wait_until(
+        "dead letters being written",
+        Duration::from_secs(120),
+        || {
+            let written = processor.metric("stream_dlq_messages_total").unwrap_or(0.0);
+            async move { written > 500.0 }
+        },
+    )
+    .await;
+    let mut broker = Frozen::freeze("kafka");
+    let frozen_at = Instant::now();
+    let timed_out = within(Duration::from_secs(90), || {
+        std::fs::read_to_string(&processor.log)
+            .is_ok_and(|log| log.contains("dead letter not delivered"))
+    })
+    .await;
+    broker.thaw();
+    eprintln!(
+        "broker frozen {:.1} s; dead letters timed out: {timed_out}",
+        frozen_at.elapsed().as_secs_f64()
+    );
+    assert!(
+        timed_out,
+        "no dead letter timed out while the broker hung:\n{}",
+        processor.log_tail()
+    );
+    env.wait_for_catch_up(Duration::from_secs(300)).await;
+    assert_eq!(processor.terminate(Duration::from_secs(60)), Some(0));
+    let audit = audit(&env).await;
+    eprintln!("{}", audit.render());
+    assert_clean(&audit, &ledger);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_down_then_up_mid_run_loses_and_duplicates_nothing() {
     let (mock, env) = mock_env("mockdown").await;
     let ledger = env.produce(20_000, 0.02, 41).await;

@@ -287,7 +287,7 @@ pub struct Frozen {
 }
 
 impl Frozen {
-    /// Freezes `postgres` or `clickhouse`.
+    /// Freezes `postgres`, `clickhouse` or `kafka`.
     pub fn freeze(service: &'static str) -> Frozen {
         let frozen = Command::new("bash")
             .args([SERVICES_SH, "freeze", service])
