@@ -43,8 +43,6 @@ pub struct GroupState {
     pub join_state: String,
     /// Partitions assigned to this member now.
     pub partitions: i32,
-    /// Rebalances (assignments and revocations) this client went through.
-    pub rebalances: i64,
     /// Partitions of the source topic.
     pub topic_partitions: usize,
     /// When these statistics arrived.
@@ -243,7 +241,6 @@ mod tests {
             state: state.to_string(),
             join_state: join_state.to_string(),
             partitions,
-            rebalances: 1,
             topic_partitions: 6,
             seen,
         }

@@ -334,7 +334,6 @@ impl ClientContext for CheckpointingContext {
                 state: group.state.clone(),
                 join_state: group.join_state.clone(),
                 partitions: group.assignment_size,
-                rebalances: group.rebalance_cnt,
                 topic_partitions: statistics
                     .topics
                     .get(&self.topic)
