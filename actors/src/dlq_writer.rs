@@ -436,24 +436,8 @@ impl DlqWriterState {
                 .map(|entry| (entry.position.partition, entry.position.offset))
                 .collect();
             let starts = scan_starts(&unconfirmed);
-            let (brokers, dlq_topic, source_topic) = (
-                self.args.brokers.clone(),
-                self.args.dlq_topic.clone(),
-                self.args.source_topic.clone(),
-            );
-            let (wanted_there, starts_there) = (wanted.clone(), starts.clone());
-            // Bounded by the read's own deadline.
-            let read = tokio::task::spawn_blocking(move || {
-                delivered_among(
-                    &brokers,
-                    &dlq_topic,
-                    &source_topic,
-                    &starts_there,
-                    &wanted_there,
-                )
-            });
-            let delivered = progress
-                .protect(read)
+            let delivered = self
+                .landed(&starts, wanted)
                 .await?
                 .map_err(|error| PipelineError::DlqTopic(format!("{error:#}")))?;
             let (delivered, lost): (Vec<SourcePosition>, Vec<SourcePosition>) = unconfirmed
@@ -469,7 +453,7 @@ impl DlqWriterState {
             })
             .await?;
             info!(
-                unconfirmed = wanted.len(),
+                unconfirmed = unconfirmed.len(),
                 found_delivered = delivered.len(),
                 not_delivered = lost.len(),
                 ?starts,
@@ -502,6 +486,26 @@ impl DlqWriterState {
         Ok(())
     }
 
+    /// Which of `wanted` (source positions) the dead-letter topic holds,
+    /// read from `starts` on a blocking thread (bounded by the read's own
+    /// deadline; the watchdog does not count the wait).
+    async fn landed(
+        &self,
+        starts: &BTreeMap<i32, i64>,
+        wanted: HashSet<(i32, i64)>,
+    ) -> Result<anyhow::Result<HashSet<(i32, i64)>>, tokio::task::JoinError> {
+        let (brokers, dlq_topic, source_topic, starts) = (
+            self.args.brokers.clone(),
+            self.args.dlq_topic.clone(),
+            self.args.source_topic.clone(),
+            starts.clone(),
+        );
+        let read = tokio::task::spawn_blocking(move || {
+            delivered_among(&brokers, &dlq_topic, &source_topic, &starts, &wanted)
+        });
+        self.args.progress.protect(read).await
+    }
+
     /// Drops from `pending` the dead letters the topic holds after all,
     /// reading it from `starts`. False when the topic cannot be read now.
     async fn drop_landed(
@@ -515,17 +519,7 @@ impl DlqWriterState {
                 (record.raw.position.partition, record.raw.position.offset)
             })
             .collect();
-        let (brokers, dlq_topic, source_topic, starts_there) = (
-            self.args.brokers.clone(),
-            self.args.dlq_topic.clone(),
-            self.args.source_topic.clone(),
-            starts.clone(),
-        );
-        // Bounded by the read's own deadline.
-        let read = tokio::task::spawn_blocking(move || {
-            delivered_among(&brokers, &dlq_topic, &source_topic, &starts_there, &wanted)
-        });
-        let found = match self.args.progress.protect(read).await? {
+        let found = match self.landed(starts, wanted).await? {
             Ok(found) => found,
             Err(error) => {
                 warn!(error = %format!("{error:#}"), "cannot read the dead-letter topic to see which failed dead letters landed; waiting");
