@@ -60,7 +60,8 @@ async fn wait_for_layout(what: &str, members: &[&ProcessorProcess], total: i32) 
 }
 
 /// Every `/readyz` answer of some members, taken every 50 ms on a thread of
-/// its own until stopped.
+/// its own until stopped and until it has seen each member consuming (the
+/// test's own polls may see that before the watch's next round does).
 struct ReadinessWatch {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<Vec<Vec<(u16, String)>>>,
@@ -74,7 +75,13 @@ impl ReadinessWatch {
             let mut seen = vec![Vec::new(); addresses.len()];
             // Bounded: the test ends well before 10 minutes.
             let deadline = Instant::now() + Duration::from_secs(600);
-            while !stopped.load(Ordering::SeqCst) && Instant::now() < deadline {
+            let all_consuming = |seen: &Vec<Vec<(u16, String)>>| {
+                seen.iter()
+                    .all(|answers| answers.iter().any(|answer| consuming(answer).is_some()))
+            };
+            while !(stopped.load(Ordering::SeqCst) && all_consuming(&seen))
+                && Instant::now() < deadline
+            {
                 for (index, address) in addresses.iter().enumerate() {
                     if let Ok(answer) = http_get(address, "/readyz") {
                         seen[index].push(answer);
